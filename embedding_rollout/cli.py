@@ -1,0 +1,299 @@
+"""``embedding-rollout``: train, serve, run the app, bring the local stack up, run deployment steps."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from .config import Settings  # noqa: E402
+from .domain.traffic import InvalidWeights  # noqa: E402
+from .domain.versions import InvalidVersion, parse_version  # noqa: E402
+
+log = logging.getLogger("embedding_rollout")
+
+
+def _version(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parse_version(value)
+    except InvalidVersion as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
+VERSION = click.option("--version", "version", required=True, callback=_version,
+                       help="Model version label, e.g. v2 (TF Serving version 2).")
+
+
+def _print(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@click.pass_context
+def main(ctx, log_level):
+    """Roll out new embedding-model versions with zero downtime.
+
+    Settings come from ER_* environment variables (ER_HOME, ER_STORE=lance|elasticsearch,
+    ER_ES_URL, ER_GENERATOR_GRPC, ER_GENERATOR_REST, ...); see the README.
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("werkzeug", "elastic_transport.transport", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ctx.obj = Settings()
+
+
+# -- models ----------------------------------------------------------------------------------
+@main.command()
+@VERSION
+@click.option("--until", default=None, help="Train on documents dated before this day (YYYY-MM-DD); default: all.")
+@click.option("--dims", default=64, show_default=True, type=click.IntRange(8, 1024), help="Embedding size.")
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(1, 100))
+@click.pass_obj
+def train(settings: Settings, version, until, dims, epochs):
+    """Train a version, export it as a SavedModel into the model repository, evaluate recall@10."""
+    from .model.trainer import TrainConfig
+    from .model.training import train_version
+    result = train_version(settings.model_dir, parse_version(version), TrainConfig(dims=dims, epochs=epochs), until)
+    _print(result)
+
+
+@main.command()
+@VERSION
+@click.pass_obj
+def evaluate(settings: Settings, version):
+    """Recompute a trained version's offline recall@10 on the query set."""
+    from .corpus import load_documents, load_queries
+    from .model.evaluation import evaluate as run
+    from .model.training import saved_model_embedder
+    embed = saved_model_embedder(settings.model_dir / str(parse_version(version)))
+    _print(run(embed, list(load_documents()), load_queries()))
+
+
+@main.command()
+@click.option("--versions", default=None, help="Comma-separated integer versions to serve (default: the latest).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--rest-port", default=8501, show_default=True, type=int)
+@click.option("--grpc-port", default=8500, show_default=True, type=int)
+@click.pass_obj
+def serve(settings: Settings, versions, host, rest_port, grpc_port):
+    """Run the model server (TF Serving's REST and gRPC APIs) over the model repository."""
+    from .generator.server import serve_forever
+    numbers = [int(v) for v in versions.split(",")] if versions else None
+    serve_forever(settings.model_dir, numbers, host, rest_port, grpc_port)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.pass_obj
+def app(settings: Settings, host, port):
+    """Run the search application (Flask + Connexion under uvicorn)."""
+    import uvicorn
+    from serving_app import create_app
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int, help="The app's port.")
+@click.option("--rest-port", default=8501, show_default=True, type=int)
+@click.option("--grpc-port", default=8500, show_default=True, type=int)
+@click.pass_obj
+def up(settings: Settings, host, port, rest_port, grpc_port):
+    """Run the local stack: model server and app, training v1 and indexing the corpus when absent."""
+    from .local_stack import LocalStack
+    stack = LocalStack(settings, host=host, app_port=port, rest_port=rest_port, grpc_port=grpc_port)
+    stack.start()
+    click.echo(f"app on {stack.app_url} (Swagger UI: {stack.app_url}/ui/), model server REST "
+               f"{stack.rest_url} gRPC {stack.grpc_address}; Ctrl-C stops")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        stack.stop()
+
+
+# -- generator -------------------------------------------------------------------------------
+@main.group()
+def generator():
+    """Load, unload and inspect versions on the running model server."""
+
+
+@generator.command("status")
+@click.pass_obj
+def generator_status(settings: Settings):
+    """Every version's TF Serving state."""
+    from .steps import admin
+    _print({f"v{n}": state for n, state in admin(settings).statuses().items()})
+
+
+@generator.command("load")
+@VERSION
+@click.pass_obj
+def generator_load(settings: Settings, version):
+    """Serve one more version (keeps the others) and wait until it is AVAILABLE."""
+    from .steps import admin
+    admin(settings).load(parse_version(version))
+    click.echo(f"{version} AVAILABLE")
+
+
+@generator.command("unload")
+@VERSION
+@click.pass_obj
+def generator_unload(settings: Settings, version):
+    """Stop serving one version (keeps the others)."""
+    from .steps import admin
+    admin(settings).unload(parse_version(version))
+    click.echo(f"{version} unloaded")
+
+
+# -- deployment steps ------------------------------------------------------------------------
+@main.command()
+@VERSION
+@click.option("--run-id", default="", help="The run that deploys it (recorded in the index _meta).")
+@click.pass_obj
+def deploy(settings: Settings, version, run_id):
+    """Step 1: serve the version's generator, create its index, register it (idempotent)."""
+    from .steps import deploy_version
+    _print(deploy_version(settings, version, run_id).to_json())
+
+
+@main.command("dual-write")
+@VERSION
+@click.pass_obj
+def dual_write(settings: Settings, version):
+    """Step 2: make the version a write target of every streaming update (idempotent)."""
+    from .steps import start_dual_write
+    _print(start_dual_write(settings, version).to_json())
+
+
+@main.group()
+def index():
+    """Index commands: create, load (backfill), verify, count, drop."""
+
+
+@index.command("create")
+@VERSION
+@click.pass_obj
+def index_create(settings: Settings, version):
+    """Create the version's index for its model's dimensions (idempotent)."""
+    from .steps import model_dims
+    from .store import open_store
+    created = open_store(settings).create_index(settings.index_name(version), model_dims(settings, version),
+                                                {"model_version": version, "model_name": settings.model_name})
+    click.echo(f"{settings.index_name(version)} {'created' if created else 'already exists'}")
+
+
+@index.command("load")
+@VERSION
+@click.option("--source", default="corpus", show_default=True,
+              help="'corpus' (the snapshot) or a deployed version whose index to re-embed, e.g. v1.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint file to resume from (default: $ER_HOME/checkpoints/<version>.json).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 4096))
+@click.pass_obj
+def index_load(settings: Settings, version, source, checkpoint, batch_size):
+    """Step 3: embed every source document with the version's generator into its index (resumable)."""
+    from .steps import backfill
+    checkpoint = checkpoint or settings.home / "checkpoints" / f"{version}-from-{source}.json"
+    result = backfill(settings, version, source, checkpoint, batch_size)
+    _print(vars(result))
+
+
+@index.command("verify")
+@VERSION
+@click.option("--source", default="corpus", show_default=True)
+@click.pass_obj
+def index_verify(settings: Settings, version, source):
+    """Check every source document is in the version's index at its latest version; exit 1 if not."""
+    from .steps import verify_backfill
+    report = verify_backfill(settings, version, source)
+    _print({**vars(report), "complete": report.complete})
+    sys.exit(0 if report.complete else 1)
+
+
+@index.command("count")
+@VERSION
+@click.pass_obj
+def index_count(settings: Settings, version):
+    """Live documents in the version's index."""
+    from .store import open_store
+    click.echo(open_store(settings).count(settings.index_name(version)))
+
+
+@index.command("drop")
+@VERSION
+@click.pass_obj
+def index_drop(settings: Settings, version):
+    """Delete the version's index (refused while the version is deployed: use `remove`)."""
+    from .steps import state_file
+    from .store import open_store
+    if version in state_file(settings).read().versions:
+        raise click.ClickException(f"{version} is deployed; remove it with `embedding-rollout remove`")
+    dropped = open_store(settings).drop_index(settings.index_name(version))
+    click.echo(f"{settings.index_name(version)} {'dropped' if dropped else 'did not exist'}")
+
+
+@index.command("purge-tombstones")
+@VERSION
+@click.pass_obj
+def index_purge(settings: Settings, version):
+    """Delete the versioned delete markers (only when no backfill is running)."""
+    from .store import open_store
+    click.echo(open_store(settings).purge_tombstones(settings.index_name(version)))
+
+
+@main.group()
+def state():
+    """Show or change the deployment state (live versions, weights, write targets)."""
+
+
+@state.command("show")
+@click.pass_obj
+def state_show(settings: Settings):
+    from .steps import state_file
+    _print(state_file(settings).read().to_json())
+
+
+@state.command("set-weights")
+@click.argument("weights", nargs=-1, required=True)
+@click.pass_obj
+def state_set_weights(settings: Settings, weights):
+    """Set the traffic split, e.g. `set-weights v1=90 v2=10` (integers summing to 100)."""
+    from .steps import set_weights
+    try:
+        parsed = {k: int(v) for k, v in (w.split("=", 1) for w in weights)}
+        _print(set_weights(settings, parsed).to_json())
+    except (ValueError, InvalidWeights) as exc:
+        raise click.ClickException(f"invalid weights {' '.join(weights)}: {exc}") from exc
+
+
+@main.command()
+@VERSION
+@click.pass_obj
+def promote(settings: Settings, version):
+    """Make the version the stable one (fallback and default current version)."""
+    from .steps import promote as run
+    _print(run(settings, version).to_json())
+
+
+@main.command()
+@VERSION
+@click.pass_obj
+def remove(settings: Settings, version):
+    """Step 5: remove a version with no traffic: routes, write target, generator, index."""
+    from .steps import remove_version
+    _print(remove_version(settings, version).to_json())
+
+
+if __name__ == "__main__":
+    main()

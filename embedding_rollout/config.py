@@ -1,0 +1,49 @@
+"""Settings from the environment (``ER_*``), so the same code runs locally, in Compose and in pods."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=lambda: Path(_env("ER_HOME", ".rollout")).resolve())
+    model_name: str = field(default_factory=lambda: _env("ER_MODEL_NAME", "embedder"))
+    store: str = field(default_factory=lambda: _env("ER_STORE", "lance"))  # lance | elasticsearch
+    es_url: str = field(default_factory=lambda: _env("ER_ES_URL", "http://127.0.0.1:9200"))
+    index_prefix: str = field(default_factory=lambda: _env("ER_INDEX_PREFIX", "docs"))
+    generator_grpc: str = field(default_factory=lambda: _env("ER_GENERATOR_GRPC", "127.0.0.1:8500"))
+    generator_rest: str = field(default_factory=lambda: _env("ER_GENERATOR_REST", "http://127.0.0.1:8501"))
+    generator_protocol: str = field(default_factory=lambda: _env("ER_GENERATOR_PROTOCOL", "grpc"))
+    generator_timeout: float = field(default_factory=lambda: float(_env("ER_GENERATOR_TIMEOUT", "2.0")))
+    store_timeout: float = field(default_factory=lambda: float(_env("ER_STORE_TIMEOUT", "2.0")))
+
+    @property
+    def serving_model_path(self) -> str | None:
+        """The model's path as the model server sees it (differs inside a TF Serving container)."""
+        return os.environ.get("ER_SERVING_MODEL_PATH")
+
+    @property
+    def model_base(self) -> Path:
+        """TF Serving model base path: ``<base>/<model_name>/<n>/saved_model.pb``."""
+        return Path(_env("ER_MODEL_BASE", str(self.home / "models")))
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model_base / self.model_name
+
+    @property
+    def state_path(self) -> Path:
+        return Path(_env("ER_STATE", str(self.home / "state.json")))
+
+    @property
+    def lance_uri(self) -> str:
+        return _env("ER_LANCE_URI", str(self.home / "lancedb"))
+
+    def index_name(self, version: str) -> str:
+        return f"{self.index_prefix}-{version}"

@@ -1,0 +1,218 @@
+"""Deployment state: which versions are deployed, the traffic split, and the write targets.
+
+The state is a small JSON document shared by the app processes, the CLI and the Airflow steps.
+``StateFile`` stores it on disk: readers re-check the file on every read (a ``stat`` call), so a
+change takes effect at once without a restart; writers serialise read-modify-write under an
+exclusive ``flock`` and replace the file atomically, so readers never see half a document.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import random
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .traffic import InvalidWeights, assign_version, validate_weights
+from .versions import is_version, parse_version
+
+
+class StateError(ValueError):
+    """An update that would leave the deployment state inconsistent."""
+
+
+class ConcurrentUpdate(RuntimeError):
+    """The state changed since it was read (optimistic concurrency)."""
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """Where one model version lives: its generator endpoints and its index."""
+
+    name: str
+    dims: int
+    index: str
+    model_name: str = "embedder"
+    generator_grpc: str = "127.0.0.1:8500"
+    generator_rest: str = "http://127.0.0.1:8501"
+    run_id: str = ""
+
+    @property
+    def number(self) -> int:
+        return parse_version(self.name)
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    """The deployment as the request path sees it.
+
+    ``weights`` holds the *live* versions: a version is routable (by weight, or explicitly by the
+    ``x-model-version`` header) once it has an entry there, even at weight 0. ``write_targets`` get
+    every streaming update. ``stable`` serves fallback traffic and is the default current version.
+    """
+
+    versions: dict[str, VersionSpec] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)
+    write_targets: tuple[str, ...] = ()
+    stable: str | None = None
+    revision: int = 0
+
+    @property
+    def live_versions(self) -> list[str]:
+        return list(self.weights)
+
+    def is_live(self, version: str | None) -> bool:
+        return version in self.weights
+
+    def spec(self, version: str) -> VersionSpec:
+        try:
+            return self.versions[version]
+        except KeyError:
+            raise StateError(f"model version {version} is not deployed") from None
+
+    def assign(self, requested: str | None, user_key: str | None = None,
+               rng: random.Random | None = None) -> str:
+        """The version for a request: a valid live ``requested`` version, else by the weights."""
+        if requested in self.weights:
+            return requested
+        if not self.weights:
+            raise StateError("no live model version: the deployment has no traffic split yet")
+        return assign_version(self.weights, user_key, rng)
+
+    def validate(self) -> "DeploymentState":
+        for name, spec in self.versions.items():
+            if not is_version(name) or spec.name != name:
+                raise StateError(f"invalid version entry {name!r}")
+        unknown = (set(self.weights) | set(self.write_targets)) - set(self.versions)
+        if unknown:
+            raise StateError(f"weights or write targets name undeployed versions: {sorted(unknown)}")
+        if self.weights:
+            try:
+                validate_weights(self.weights)
+            except InvalidWeights as exc:
+                raise StateError(str(exc)) from exc
+        if self.stable is not None and self.stable not in self.versions:
+            raise StateError(f"stable version {self.stable} is not deployed")
+        return self
+
+    # -- transitions used by the deployment steps; each returns a new state ------------------
+    def with_version(self, spec: VersionSpec) -> "DeploymentState":
+        versions = {**self.versions, spec.name: spec}
+        stable = self.stable or spec.name
+        return dataclasses.replace(self, versions=versions, stable=stable).validate()
+
+    def with_write_target(self, version: str) -> "DeploymentState":
+        self.spec(version)
+        if version in self.write_targets:
+            return self
+        return dataclasses.replace(self, write_targets=(*self.write_targets, version)).validate()
+
+    def with_weights(self, weights: dict[str, int]) -> "DeploymentState":
+        """Set the traffic split; versions left out stop being live."""
+        return dataclasses.replace(self, weights=dict(weights)).validate()
+
+    def with_stable(self, version: str) -> "DeploymentState":
+        self.spec(version)
+        return dataclasses.replace(self, stable=version)
+
+    def without_version(self, version: str) -> "DeploymentState":
+        """Remove a version entirely (routes first: it must have no traffic left)."""
+        if self.weights.get(version, 0) > 0:
+            raise StateError(f"cannot remove {version}: it still has {self.weights[version]} % of traffic")
+        if version == self.stable:
+            raise StateError(f"cannot remove the stable version {version}; promote another first")
+        return dataclasses.replace(
+            self,
+            versions={k: v for k, v in self.versions.items() if k != version},
+            weights={k: w for k, w in self.weights.items() if k != version},
+            write_targets=tuple(t for t in self.write_targets if t != version),
+        ).validate()
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "revision": self.revision,
+            "stable": self.stable,
+            "weights": self.weights,
+            "write_targets": list(self.write_targets),
+            "versions": {k: dataclasses.asdict(v) for k, v in self.versions.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DeploymentState":
+        return cls(
+            versions={k: VersionSpec(**v) for k, v in data.get("versions", {}).items()},
+            weights={k: int(w) for k, w in data.get("weights", {}).items()},
+            write_targets=tuple(data.get("write_targets", ())),
+            stable=data.get("stable"),
+            revision=int(data.get("revision", 0)),
+        ).validate()
+
+
+class StateFile:
+    """The deployment state in a JSON file, safe for several processes."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._cache: tuple[tuple[int, int, int], DeploymentState] | None = None
+        self._cache_lock = threading.Lock()
+
+    def read(self) -> DeploymentState:
+        """The current state; cheap when unchanged (one ``stat``)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return DeploymentState()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._cache_lock:
+            if self._cache and self._cache[0] == stamp:
+                return self._cache[1]
+        state = DeploymentState.from_json(json.loads(self.path.read_text()))
+        with self._cache_lock:
+            self._cache = (stamp, state)
+        return state
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def update(self, change: Callable[[DeploymentState], DeploymentState],
+               expected_revision: int | None = None) -> DeploymentState:
+        """Apply ``change`` atomically; the revision grows by one when anything changed."""
+        with self._locked():
+            self._cache = None
+            current = self.read()
+            if expected_revision is not None and current.revision != expected_revision:
+                raise ConcurrentUpdate(
+                    f"state revision is {current.revision}, expected {expected_revision}")
+            new = change(current).validate()
+            if new.to_json() | {"revision": 0} == current.to_json() | {"revision": 0}:
+                return current
+            new = dataclasses.replace(new, revision=current.revision + 1)
+            self._write(new)
+            return new
+
+    def _write(self, state: DeploymentState) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(state.to_json(), handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

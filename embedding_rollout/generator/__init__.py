@@ -1,0 +1,1 @@
+"""The embedding generator: a TF Serving compatible model server and its client."""

@@ -1,0 +1,62 @@
+"""Load and unload versions on a running model server (the project's or ``tensorflow/serving``).
+
+Uses ``ModelService.HandleReloadConfigRequest`` with a ``specific`` version policy listing every
+version to serve, which is how a running TF Serving changes its served set; loading is
+make-before-break because the new list keeps the versions that stay.
+"""
+from __future__ import annotations
+
+import time
+
+import grpc
+from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, model_service_pb2_grpc
+from tensorflow_serving.config import model_server_config_pb2
+
+from .client import _STATE_NAMES, GeneratorError, _channel
+
+
+class ModelServerAdmin:
+    def __init__(self, grpc_address: str, model_name: str, base_path: str, timeout: float = 120.0):
+        self.stub = model_service_pb2_grpc.ModelServiceStub(_channel(grpc_address))
+        self.model_name, self.base_path, self.timeout = model_name, base_path, timeout
+
+    def statuses(self) -> dict[int, str]:
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        try:
+            reply = self.stub.GetModelStatus(request, timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return {}
+            raise GeneratorError(f"model server: {exc.code().name}: {exc.details()}") from exc
+        return {s.version: _STATE_NAMES.get(s.state, "UNKNOWN") for s in reply.model_version_status}
+
+    def served(self) -> list[int]:
+        return sorted(n for n, state in self.statuses().items() if state == "AVAILABLE")
+
+    def serve(self, versions: list[int]) -> None:
+        config = model_server_config_pb2.ModelServerConfig()
+        entry = config.model_config_list.config.add()
+        entry.name, entry.base_path, entry.model_platform = self.model_name, self.base_path, "tensorflow"
+        entry.model_version_policy.specific.versions.extend(sorted(set(versions)))
+        request = model_management_pb2.ReloadConfigRequest(config=config)
+        try:
+            reply = self.stub.HandleReloadConfigRequest(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise GeneratorError(f"model server reload failed: {exc.code().name}: {exc.details()}") from exc
+        if reply.status.error_code:
+            raise GeneratorError(f"model server reload failed: {reply.status.error_message}")
+
+    def load(self, number: int) -> None:
+        self.serve(self.served() + [number])
+        self.wait_available(number)
+
+    def unload(self, number: int) -> None:
+        self.serve([n for n in self.served() if n != number])
+
+    def wait_available(self, number: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        while (state := self.statuses().get(number)) != "AVAILABLE":
+            if state == "END" or time.monotonic() > deadline:
+                raise GeneratorError(f"version {number} of {self.model_name} is {state or 'unknown'}, not AVAILABLE")
+            time.sleep(0.2)

@@ -1,0 +1,1 @@
+"""Step commands' work: indexing (initial load, backfill) and its verification."""

@@ -1,0 +1,122 @@
+"""The application's use cases over the adapters: search one version, write to every target.
+
+A request's version decides both the generator and the index it uses, never a mix. Writes embed the
+document with every write target's generator before writing anything, so a generator failure leaves
+no partial state; a store failure part-way is safe to retry with the same document version.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .domain.state import DeploymentState, StateFile, VersionSpec
+from .generator.client import GeneratorError, GeneratorTarget, generator_client
+from .pipeline.indexing import embedding_text
+from .store.base import Filters, Hit, StoredDocument, StoreUnavailable, VectorStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    model_version: str
+    hits: list[Hit]
+    fallback_from: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    id: str
+    seq: int
+    applied: dict[str, bool]  # per write target: False when the index already held a newer version
+
+
+def new_seq() -> int:
+    """A document version for writes that bring none: microseconds since the epoch."""
+    return time.time_ns() // 1_000
+
+
+class EmbeddingService:
+    def __init__(self, state: StateFile, store: VectorStore, protocol: str = "grpc",
+                 timeout: float = 2.0, client_factory: Callable | None = None):
+        self.state_file = state
+        self.store = store
+        self.protocol = protocol
+        self.timeout = timeout
+        self._client_factory = client_factory or generator_client
+        self._clients: dict[VersionSpec, object] = {}
+        self._lock = threading.Lock()
+
+    def state(self) -> DeploymentState:
+        return self.state_file.read()
+
+    def generator(self, spec: VersionSpec):
+        """A client per version spec; a changed spec (new address) gets a new client."""
+        with self._lock:
+            client = self._clients.get(spec)
+            if client is None:
+                target = GeneratorTarget(spec.name, spec.generator_grpc, spec.generator_rest, spec.model_name)
+                client = self._client_factory(target, protocol=self.protocol, timeout=self.timeout)
+                self._clients[spec] = client
+            return client
+
+    # -- reads ---------------------------------------------------------------------------------
+    def search(self, version: str, query: str, k: int, filters: Filters, allow_fallback: bool = True) -> SearchResult:
+        state = self.state()
+        try:
+            return SearchResult(version, self._search(state.spec(version), query, k, filters))
+        except GeneratorError:
+            stable = state.stable
+            if not allow_fallback or stable is None or stable == version or not state.is_live(stable):
+                raise
+            log.warning("generator %s failed; serving the request wholly from stable %s", version, stable)
+            return SearchResult(stable, self._search(state.spec(stable), query, k, filters), fallback_from=version)
+
+    def _search(self, spec: VersionSpec, query: str, k: int, filters: Filters) -> list[Hit]:
+        vector = self.generator(spec).embed([query])[0]
+        return self.store.search(spec.index, vector, k, filters)
+
+    # -- writes --------------------------------------------------------------------------------
+    def put_document(self, doc_id: str, fields: dict, seq: int | None = None) -> WriteResult:
+        state, seq = self.state(), seq or new_seq()
+        targets = [state.spec(v) for v in state.write_targets]
+        text = embedding_text(fields)
+        vectors = {spec.name: self.generator(spec).embed([text])[0] for spec in targets}
+        applied = {spec.name: self.store.upsert(spec.index, StoredDocument(doc_id, seq, fields, vectors[spec.name]))
+                   for spec in targets}
+        return WriteResult(doc_id, seq, applied)
+
+    def delete_document(self, doc_id: str, seq: int | None = None) -> WriteResult:
+        state, seq = self.state(), seq or new_seq()
+        applied = {v: self.store.delete(state.spec(v).index, doc_id, seq) for v in state.write_targets}
+        return WriteResult(doc_id, seq, applied)
+
+    # -- health --------------------------------------------------------------------------------
+    def readiness(self) -> dict[str, dict[str, str]]:
+        """Per live version: the generator's state and the index's; all must be ready."""
+        state = self.state()
+        report: dict[str, dict[str, str]] = {}
+        try:
+            self.store.ready()
+            store_ok = None
+        except StoreUnavailable as exc:
+            store_ok = str(exc)
+        for version in state.live_versions:
+            spec = state.spec(version)
+            entry: dict[str, str] = {}
+            try:
+                entry["generator"] = self.generator(spec).status()
+            except GeneratorError as exc:
+                entry["generator"] = f"unavailable: {exc}"
+            if store_ok:
+                entry["index"] = f"unavailable: {store_ok}"
+            else:
+                try:
+                    entry["index"] = f"ready ({self.store.count(spec.index)} docs)"
+                except Exception as exc:  # a missing index or an unreachable server: not ready
+                    entry["index"] = f"unavailable: {exc}"
+            report[version] = entry
+        return report

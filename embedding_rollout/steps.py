@@ -1,0 +1,120 @@
+"""The deployment steps as idempotent functions; the CLI and the Airflow tasks call these.
+
+1. ``deploy_version``: generator serving the version, its index created, the version registered.
+2. ``start_dual_write``: the version becomes a write target of every streaming update.
+3. ``backfill`` / ``verify_backfill``: every historical document re-embedded into the new index.
+4. ``set_weights``: the traffic split.
+5. ``remove_version``: routes first, then write target, generator and index.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .config import Settings
+from .domain.state import DeploymentState, StateFile, VersionSpec
+from .domain.traffic import validate_weights
+from .domain.versions import parse_version
+from .generator.admin import ModelServerAdmin
+from .generator.client import GeneratorTarget, generator_client
+from .pipeline.indexing import Checkpoint, Verification, corpus_source, load_index, verify_index
+from .store import open_store
+
+log = logging.getLogger(__name__)
+
+
+def model_dims(settings: Settings, version: str) -> int:
+    """The embedding size recorded with the SavedModel at training time."""
+    path = settings.model_dir / str(parse_version(version)) / "assets.extra" / "training.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no trained model for {version}: {path.parent.parent} is missing or incomplete")
+    return int(json.loads(path.read_text())["config"]["dims"])
+
+
+def state_file(settings: Settings) -> StateFile:
+    return StateFile(settings.state_path)
+
+
+def version_spec(settings: Settings, version: str, run_id: str = "") -> VersionSpec:
+    return VersionSpec(name=version, dims=model_dims(settings, version), index=settings.index_name(version),
+                       model_name=settings.model_name, generator_grpc=settings.generator_grpc,
+                       generator_rest=settings.generator_rest, run_id=run_id)
+
+
+def admin(settings: Settings) -> ModelServerAdmin:
+    serving_path = str(Path(settings.serving_model_path or settings.model_dir))
+    return ModelServerAdmin(settings.generator_grpc, settings.model_name, serving_path)
+
+
+def deploy_version(settings: Settings, version: str, run_id: str = "") -> DeploymentState:
+    """Step 1: generator AVAILABLE, index created with an explicit mapping, version registered."""
+    spec = version_spec(settings, version, run_id)
+    admin(settings).load(spec.number)
+    created = open_store(settings).create_index(
+        spec.index, spec.dims, {"model_version": version, "run_id": run_id, "model_name": spec.model_name})
+    log.info("index %s %s (dims %d)", spec.index, "created" if created else "already exists", spec.dims)
+    current = state_file(settings).read().versions.get(version)
+    if current is not None and current.dims != spec.dims:
+        raise ValueError(f"{version} is deployed with dims {current.dims}; the model has {spec.dims}")
+    return state_file(settings).update(lambda s: s if current else s.with_version(spec))
+
+
+def start_dual_write(settings: Settings, version: str) -> DeploymentState:
+    """Step 2: every streaming update after this point is also written to ``version``."""
+    return state_file(settings).update(lambda s: s.with_write_target(version))
+
+
+def _source(settings: Settings, source: str):
+    """Documents to index: ``corpus`` (the snapshot) or a version whose index is the source."""
+    if source == "corpus":
+        return corpus_source, None
+    store = open_store(settings)
+    index = state_file(settings).read().spec(source).index
+    return (lambda: store.scan(index)), (lambda: store.count(index))
+
+
+def backfill(settings: Settings, version: str, source: str, checkpoint: Path | None = None,
+             batch_size: int = 256) -> Checkpoint:
+    """Step 3: embed every source document with ``version``'s generator into its index."""
+    spec = state_file(settings).read().spec(version)
+    documents, count = _source(settings, source)
+    total = count() if count else None
+    client = generator_client(GeneratorTarget(version, spec.generator_grpc, spec.generator_rest, spec.model_name),
+                              protocol=settings.generator_protocol, timeout=max(settings.generator_timeout, 30.0),
+                              batch_size=batch_size)
+    return load_index(documents(), open_store(settings), spec.index, client.embed, total=total,
+                      batch_size=batch_size, checkpoint_path=checkpoint, label=f"backfill {version} from {source}")
+
+
+def verify_backfill(settings: Settings, version: str, source: str) -> Verification:
+    """Every source document is in ``version``'s index at its latest version (or newer)."""
+    documents, _ = _source(settings, source)
+    spec = state_file(settings).read().spec(version)
+    return verify_index(documents(), open_store(settings), spec.index)
+
+
+def set_weights(settings: Settings, weights: dict[str, int]) -> DeploymentState:
+    """Step 4: the traffic split; the listed versions are the live ones."""
+    weights = validate_weights(weights)
+    return state_file(settings).update(lambda s: s.with_weights(weights))
+
+
+def promote(settings: Settings, version: str) -> DeploymentState:
+    """Make ``version`` the stable one (after it took all the traffic)."""
+    return state_file(settings).update(lambda s: s.with_stable(version))
+
+
+def remove_version(settings: Settings, version: str) -> DeploymentState:
+    """Step 5: routes first (the state), then the generator and the index."""
+    state = state_file(settings).read()
+    spec = state.versions.get(version)
+    if spec is not None:
+        state = state_file(settings).update(lambda s: s.without_version(version))
+    number = parse_version(version)
+    server = admin(settings)
+    if number in server.served():
+        server.unload(number)
+    if open_store(settings).drop_index(settings.index_name(version) if spec is None else spec.index):
+        log.info("dropped the index of %s", version)
+    return state

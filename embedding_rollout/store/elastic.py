@@ -1,0 +1,204 @@
+"""Elasticsearch backend: one index per model version with a ``dense_vector`` field.
+
+Writes use ``version_type=external`` with the document's ``seq`` (applied only when strictly
+higher; a 409 means "already newer" and is not an error). Deletes are written as versioned
+tombstone documents rather than real deletes: Elasticsearch forgets a real delete's version after
+``index.gc_deletes`` (60 s), after which an older backfill write would resurrect the document.
+kNN search puts the filter inside the ``knn`` clause, so it pre-filters and k hits come back
+whenever k documents match.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+from elasticsearch import ApiError, ConflictError, Elasticsearch, NotFoundError, TransportError, helpers
+
+from .base import (BulkResult, Filters, Hit, IndexNotFound, StoredDocument, StoreUnavailable, latest_per_id)
+
+log = logging.getLogger(__name__)
+
+SERVING_REFRESH = "500ms"  # streaming updates searchable well within the app's one-second promise
+HNSW = {"type": "hnsw", "m": 16, "ef_construction": 100}
+MAX_CANDIDATES = 10_000  # Elasticsearch's upper bound for num_candidates
+_SOURCE = ["title", "text", "category", "date"]
+_LIVE = {"bool": {"must_not": [{"term": {"deleted": True}}]}}
+
+
+def index_body(dims: int, meta: Mapping[str, str], replicas: int = 0) -> dict:
+    return {
+        "settings": {"number_of_shards": 1, "number_of_replicas": replicas, "refresh_interval": SERVING_REFRESH},
+        "mappings": {
+            "_meta": {**meta, "dims": dims},
+            "dynamic": "strict",
+            "properties": {
+                "seq": {"type": "long"},
+                "deleted": {"type": "boolean"},
+                "vector": {"type": "dense_vector", "dims": dims, "index": True, "similarity": "cosine",
+                           "index_options": HNSW},
+                "title": {"type": "text"},
+                "text": {"type": "text"},
+                "category": {"type": "keyword"},
+                "date": {"type": "date", "format": "strict_date"},
+            },
+        },
+    }
+
+
+def filter_clauses(filters: Filters) -> list[dict]:
+    clauses: list[dict] = [_LIVE]
+    if filters.category:
+        clauses.append({"terms": {"category": list(filters.category)}})
+    if filters.date_from or filters.date_to:
+        bounds = {k: v for k, v in (("gte", filters.date_from), ("lte", filters.date_to)) if v}
+        clauses.append({"range": {"date": bounds}})
+    return clauses
+
+
+def _source(doc: StoredDocument) -> dict:
+    if doc.deleted:
+        return {"seq": doc.seq, "deleted": True}
+    return {"seq": doc.seq, "deleted": False, "vector": np.asarray(doc.vector, np.float32).tolist(),
+            **{f: doc.fields[f] for f in _SOURCE if doc.fields.get(f) is not None}}
+
+
+class ElasticsearchStore:
+    def __init__(self, url: str = "http://127.0.0.1:9200", timeout: float = 2.0, replicas: int = 0):
+        self.client = Elasticsearch(url, request_timeout=timeout, max_retries=2, retry_on_timeout=True)
+        self.replicas = replicas
+
+    def _call(self, method, *args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except NotFoundError as exc:
+            if "index_not_found" in str(exc):
+                raise IndexNotFound(f"index {kwargs.get('index')} does not exist") from exc
+            raise
+        except TransportError as exc:
+            raise StoreUnavailable(f"elasticsearch unavailable: {exc}") from exc
+        except ApiError as exc:
+            if exc.meta.status >= 500:
+                raise StoreUnavailable(f"elasticsearch error {exc.meta.status}: {exc}") from exc
+            raise
+
+    # -- indices -------------------------------------------------------------------------------
+    def indices(self) -> list[str]:
+        found = self._call(self.client.indices.get, index="*", expand_wildcards="open")
+        return sorted(found)
+
+    def create_index(self, index: str, dims: int, meta: Mapping[str, str]) -> bool:
+        if self._call(self.client.indices.exists, index=index):
+            existing = self.index_meta(index)
+            if int(existing.get("dims", -1)) != dims:
+                raise ValueError(f"index {index} exists with dims {existing.get('dims')}, not {dims}")
+            return False
+        body = index_body(dims, meta, self.replicas)
+        try:
+            self._call(self.client.indices.create, index=index, **body)
+        except ApiError as exc:
+            if "resource_already_exists" in str(exc):  # created concurrently: same as existing
+                return False
+            raise
+        return True
+
+    def index_meta(self, index: str) -> dict:
+        mapping = self._call(self.client.indices.get_mapping, index=index)
+        return {k: str(v) for k, v in mapping[index]["mappings"].get("_meta", {}).items()}
+
+    def drop_index(self, index: str) -> bool:
+        reply = self._call(self.client.options(ignore_status=404).indices.delete, index=index)
+        return bool(reply.get("acknowledged"))
+
+    # -- writes --------------------------------------------------------------------------------
+    def upsert(self, index: str, doc: StoredDocument) -> bool:
+        try:
+            self._call(self.client.index, index=index, id=doc.id, document=_source(doc),
+                       version=doc.seq, version_type="external")
+        except ConflictError:
+            return False  # the index already holds this or a newer version
+        return True
+
+    def delete(self, index: str, doc_id: str, seq: int) -> bool:
+        return self.upsert(index, StoredDocument(doc_id, seq, deleted=True))
+
+    def bulk_write(self, index: str, docs: Iterable[StoredDocument]) -> BulkResult:
+        actions = ({"_op_type": "index", "_index": index, "_id": d.id, "_version": d.seq,
+                    "_version_type": "external", "_source": _source(d)} for d in latest_per_id(docs))
+        result = BulkResult()
+        try:
+            for ok, item in helpers.streaming_bulk(self.client, actions, chunk_size=500, max_retries=3,
+                                                   raise_on_error=False, raise_on_exception=False):
+                outcome = item["index"]
+                if ok:
+                    result.written += 1
+                elif outcome.get("status") == 409:
+                    result.stale += 1
+                else:
+                    result.failed.append((outcome.get("_id"), str(outcome.get("error"))))
+        except TransportError as exc:
+            raise StoreUnavailable(f"elasticsearch unavailable during bulk write: {exc}") from exc
+        return result
+
+    def begin_bulk_load(self, index: str) -> None:
+        self._call(self.client.indices.put_settings, index=index,
+                   settings={"refresh_interval": "-1", "number_of_replicas": 0})
+
+    def end_bulk_load(self, index: str) -> None:
+        self._call(self.client.indices.put_settings, index=index,
+                   settings={"refresh_interval": SERVING_REFRESH, "number_of_replicas": self.replicas})
+        self._call(self.client.indices.refresh, index=index)
+
+    def purge_tombstones(self, index: str) -> int:
+        # Scan + versioned bulk deletes rather than _delete_by_query (a module some distributions
+        # leave out); external_gte at the tombstone's own version skips one rewritten meanwhile.
+        tombstones = (d for d in self.scan(index, include_deleted=True) if d.deleted)
+        actions = ({"_op_type": "delete", "_index": index, "_id": d.id, "_version": d.seq,
+                    "_version_type": "external_gte"} for d in tombstones)
+        purged = sum(ok for ok, _ in helpers.streaming_bulk(self.client, actions, raise_on_error=False))
+        self._call(self.client.indices.refresh, index=index)
+        return purged
+
+    # -- reads ---------------------------------------------------------------------------------
+    def search(self, index: str, vector: np.ndarray, k: int, filters: Filters) -> list[Hit]:
+        knn = {"field": "vector", "query_vector": np.asarray(vector, np.float32).tolist(), "k": k,
+               "num_candidates": min(max(10 * k, 100), MAX_CANDIDATES),
+               "filter": {"bool": {"filter": filter_clauses(filters)}}}
+        reply = self._call(self.client.search, index=index, knn=knn, size=k, source=_SOURCE)
+        # Elasticsearch scores cosine as (1 + cos) / 2; report the cosine itself.
+        return [Hit(h["_id"], 2.0 * h["_score"] - 1.0, h["_source"]) for h in reply["hits"]["hits"]]
+
+    def get_many(self, index: str, ids: list[str]) -> dict[str, StoredDocument]:
+        if not ids:
+            return {}
+        reply = self._call(self.client.mget, index=index, ids=ids, source_excludes=["vector"])
+        found = {}
+        for doc in reply["docs"]:
+            if doc.get("error"):
+                raise IndexNotFound(f"index {index} does not exist")
+            if doc.get("found"):
+                found[doc["_id"]] = _document(doc["_id"], doc["_source"])
+        return found
+
+    def count(self, index: str) -> int:
+        return int(self._call(self.client.count, index=index, query=_LIVE)["count"])
+
+    def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False) -> Iterator[StoredDocument]:
+        query = {"match_all": {}} if include_deleted else _LIVE
+        try:
+            for hit in helpers.scan(self.client, index=index, query={"query": query}, size=batch_size,
+                                    source_excludes=["vector"], scroll="2m"):
+                yield _document(hit["_id"], hit["_source"])
+        except NotFoundError as exc:
+            raise IndexNotFound(f"index {index} does not exist") from exc
+
+    def ready(self) -> None:
+        try:
+            self.client.cluster.health(timeout="1s")
+        except (TransportError, ApiError) as exc:
+            raise StoreUnavailable(f"elasticsearch unavailable: {exc}") from exc
+
+
+def _document(doc_id: str, source: dict) -> StoredDocument:
+    fields = {f: source[f] for f in _SOURCE if source.get(f) is not None}
+    return StoredDocument(doc_id, int(source["seq"]), fields, deleted=bool(source.get("deleted")))

@@ -1,0 +1,63 @@
+"""The search application: Flask + Connexion, OpenAPI first (``openapi.yaml``), app factory style."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import connexion
+import uvicorn
+
+from embedding_rollout.config import Settings
+from embedding_rollout.domain.state import StateFile
+from embedding_rollout.service import EmbeddingService
+from embedding_rollout.store import open_store
+
+from .metrics import AppMetrics
+
+
+@dataclass
+class AppContext:
+    service: EmbeddingService
+    metrics: AppMetrics
+
+
+def create_app(settings: Settings | None = None, service: EmbeddingService | None = None) -> connexion.FlaskApp:
+    """Build the app; ``service`` replaces the one the settings describe (tests, embedding)."""
+    settings = settings or Settings()
+    if service is None:
+        service = EmbeddingService(StateFile(settings.state_path), open_store(settings),
+                                   protocol=settings.generator_protocol, timeout=settings.generator_timeout)
+    app = connexion.FlaskApp(__name__, specification_dir=str(Path(__file__).parent))
+    app.add_api("openapi.yaml", strict_validation=True, validate_responses=False)
+    app.app.extensions["embedding_rollout"] = AppContext(service, AppMetrics())
+    return app
+
+
+class AppServer:
+    """Run the app under uvicorn in a background thread (tests, the local stack)."""
+
+    def __init__(self, app: connexion.FlaskApp, host: str = "127.0.0.1", port: int = 0):
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="app", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "AppServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the app server did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def url(self) -> str:
+        sock = self.server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)

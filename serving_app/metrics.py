@@ -1,0 +1,20 @@
+"""Prometheus metrics of the app, labelled by model version (one registry per app instance)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class AppMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("embedding_app_requests", "Requests served, by endpoint, model version and status",
+                                ["endpoint", "model_version", "status"], registry=self.registry)
+        self.errors = Counter("embedding_app_errors", "Failed requests, by endpoint, model version and cause",
+                              ["endpoint", "model_version", "cause"], registry=self.registry)
+        self.latency = Histogram("embedding_app_request_seconds", "Request latency, by endpoint and model version",
+                                 ["endpoint", "model_version"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.fallbacks = Counter("embedding_app_fallbacks", "Requests served by the stable version after the "
+                                 "assigned version's generator failed", ["from_version", "to_version"],
+                                 registry=self.registry)

@@ -1,0 +1,109 @@
+"""Thin HTTP views: parse, pick the version, call the service, shape the response."""
+from __future__ import annotations
+
+import time
+from functools import wraps
+
+from flask import Response, current_app, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from embedding_rollout.domain.state import StateError
+from embedding_rollout.generator.client import VERSION_HEADER, GeneratorError, GeneratorUnavailable
+from embedding_rollout.store.base import Filters, IndexNotFound, InvalidFilter, StoreUnavailable
+
+USER_HEADER, USER_COOKIE = "x-user-id", "uid"
+JSON = {"Content-Type": "application/json"}  # operations also declare problem+json: say which
+
+
+def _ctx():
+    return current_app.extensions["embedding_rollout"]
+
+
+def problem(status: int, title: str, detail: str, headers: dict | None = None):
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return body, status, {"Content-Type": "application/problem+json", **(headers or {})}
+
+
+_FAILURES = [  # (exception, status, title): what a client can do about it decides the status
+    (InvalidFilter, 400, "Bad Request"),
+    (GeneratorUnavailable, 503, "Generator Unavailable"),
+    (GeneratorError, 503, "Generator Error"),
+    (StoreUnavailable, 503, "Store Unavailable"),
+    (IndexNotFound, 503, "Index Unavailable"),
+    (StateError, 503, "No Live Version"),
+]
+
+
+def observed(endpoint: str):
+    """Record requests, errors and latency by model version; map failures to problem responses."""
+    def decorate(view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            metrics, started = _ctx().metrics, time.perf_counter()
+            labels = {"endpoint": endpoint, "model_version": "none"}
+            try:
+                body, status, headers = view(labels, *args, **kwargs)
+            except tuple(e for e, _, _ in _FAILURES) as exc:
+                status, title = next((s, t) for e, s, t in _FAILURES if isinstance(exc, e))
+                metrics.errors.labels(cause=type(exc).__name__, **labels).inc()
+                body, status, headers = problem(status, title, str(exc))
+            metrics.requests.labels(status=str(status), **labels).inc()
+            metrics.latency.labels(**labels).observe(time.perf_counter() - started)
+            return body, status, headers
+        return wrapper
+    return decorate
+
+
+@observed("search")
+def search(labels: dict, body: dict):
+    ctx = _ctx()
+    state = ctx.service.state()
+    user_key = request.headers.get(USER_HEADER) or request.cookies.get(USER_COOKIE)
+    version = state.assign(request.headers.get(VERSION_HEADER), user_key)
+    labels["model_version"] = version
+    filters = Filters.from_dict(body.get("filters"))
+    result = ctx.service.search(version, body["query"], body.get("k", 10), filters)
+    if result.fallback_from:
+        ctx.metrics.fallbacks.labels(from_version=result.fallback_from, to_version=result.model_version).inc()
+        labels["model_version"] = result.model_version
+    payload = {"model_version": result.model_version,
+               "results": [{"id": h.id, "score": round(h.score, 6), "fields": dict(h.fields)} for h in result.hits]}
+    return payload, 200, {**JSON, VERSION_HEADER: result.model_version}
+
+
+def _write_payload(result) -> dict:
+    return {"id": result.id, "version": result.seq, "applied": result.applied}
+
+
+@observed("put_document")
+def put_document(labels: dict, doc_id: str, body: dict):
+    fields = {k: body[k] for k in ("title", "text", "category", "date")}
+    result = _ctx().service.put_document(doc_id, fields, body.get("version"))
+    return _write_payload(result), 200, JSON
+
+
+@observed("delete_document")
+def delete_document(labels: dict, doc_id: str, version: int | None = None):
+    result = _ctx().service.delete_document(doc_id, version)
+    return _write_payload(result), 200, JSON
+
+
+def deployment():
+    return _ctx().service.state().to_json(), 200
+
+
+def healthz():
+    return {"status": "ok"}, 200
+
+
+def readyz():
+    report = _ctx().service.readiness()
+    ready = bool(report) and all(
+        part["generator"] == "AVAILABLE" and part["index"].startswith("ready") for part in report.values())
+    if not report:
+        report = {"deployment": {"error": "no live model version"}}
+    return {"ready": ready, "versions": report}, 200 if ready else 503
+
+
+def metrics():
+    return Response(generate_latest(_ctx().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

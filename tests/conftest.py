@@ -1,0 +1,100 @@
+"""Shared fixtures: real trained models, a real model server, both real vector stores.
+
+Elasticsearch is the real server started by ``.ci/run`` (``scripts/elasticsearch.sh start``) at
+``ER_TEST_ES_URL`` (default http://127.0.0.1:9200). Outside CI a missing server skips its tests;
+in CI (``CI=true``) it fails them.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from embedding_rollout.domain.state import StateFile, VersionSpec  # noqa: E402
+from embedding_rollout.generator.client import GeneratorTarget, generator_client  # noqa: E402
+from embedding_rollout.generator.models import ModelManager  # noqa: E402
+from embedding_rollout.generator.server import ModelServer  # noqa: E402
+from embedding_rollout.model.trainer import TrainConfig  # noqa: E402
+from embedding_rollout.model.training import train_version  # noqa: E402
+
+ES_URL = os.environ.get("ER_TEST_ES_URL", "http://127.0.0.1:9200")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Small but real models: two time windows, two sizes, so v1 and v2 genuinely differ.
+TEST_MODELS = {1: ("2019-01-01", 32), 2: (None, 48)}
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory) -> Path:
+    model_dir = tmp_path_factory.mktemp("models") / "embedder"
+    for number, (until, dims) in TEST_MODELS.items():
+        train_version(model_dir, number, TrainConfig(dims=dims, epochs=1, vocab_size=8000), until)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def model_server(model_repo):
+    manager = ModelManager("embedder", model_repo)
+    manager.serve([1, 2])
+    server = ModelServer(manager, rest_port=0, grpc_port=0).start()
+    yield server
+    server.stop()
+
+
+def target(server: ModelServer, version: str) -> GeneratorTarget:
+    return GeneratorTarget(version, f"127.0.0.1:{server.grpc_port}", f"http://127.0.0.1:{server.rest_port}")
+
+
+def spec_for(server: ModelServer, version: str, index: str) -> VersionSpec:
+    t = target(server, version)
+    return VersionSpec(version, {"v1": 32, "v2": 48}[version], index,
+                       generator_grpc=t.grpc_address, generator_rest=t.rest_url)
+
+
+@pytest.fixture(scope="session")
+def embedders(model_server):
+    return {v: generator_client(target(model_server, v)) for v in ("v1", "v2")}
+
+
+def elasticsearch_store():
+    from embedding_rollout.store.elastic import ElasticsearchStore
+    from embedding_rollout.store.base import StoreUnavailable
+    store = ElasticsearchStore(ES_URL, timeout=10.0)
+    try:
+        store.ready()
+    except StoreUnavailable as exc:
+        message = f"no Elasticsearch server at {ES_URL} (start it: scripts/elasticsearch.sh start): {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return store
+
+
+@pytest.fixture(params=["lance", "elasticsearch"])
+def store(request, tmp_path):
+    """Each test gets a fresh store of each backend; index names are unique per test."""
+    if request.param == "lance":
+        from embedding_rollout.store.lance import LanceStore
+        backend = LanceStore(str(tmp_path / "lance"))
+    else:
+        backend = elasticsearch_store()
+    created: list[str] = []
+    backend.test_index = lambda name="docs": _unique(created, name)  # type: ignore[attr-defined]
+    yield backend
+    for index in created:
+        backend.drop_index(index)
+
+
+def _unique(created: list[str], name: str) -> str:
+    index = f"test-{name}-{uuid.uuid4().hex[:10]}"
+    created.append(index)
+    return index
+
+
+@pytest.fixture
+def state_file(tmp_path) -> StateFile:
+    return StateFile(tmp_path / "state.json")

@@ -1,0 +1,240 @@
+"""The application through its real HTTP server, on both store backends, with two live versions."""
+from __future__ import annotations
+
+import time
+import uuid
+from itertools import islice
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import elasticsearch_store, spec_for
+from embedding_rollout.domain.state import StateFile, VersionSpec
+from embedding_rollout.pipeline.indexing import corpus_source, load_index
+from embedding_rollout.service import EmbeddingService
+from embedding_rollout.store.base import Filters
+from serving_app import AppServer, create_app
+
+CORPUS_SLICE = 1500
+
+
+@pytest.fixture(scope="module", params=["lance", "elasticsearch"])
+def deployment(request, model_server, embedders, tmp_path_factory):
+    """v1 and v2 deployed, both indices loaded from the corpus, both write targets, 50/50."""
+    home = tmp_path_factory.mktemp(f"app-{request.param}")
+    if request.param == "lance":
+        from embedding_rollout.store.lance import LanceStore
+        store = LanceStore(str(home / "lance"))
+    else:
+        store = elasticsearch_store()
+    prefix = f"app-{uuid.uuid4().hex[:8]}"
+    state = StateFile(home / "state.json")
+    for version in ("v1", "v2"):
+        spec = spec_for(model_server, version, f"{prefix}-{version}")
+        store.create_index(spec.index, spec.dims, {"model_version": version})
+        load_index(islice(corpus_source(), CORPUS_SLICE), store, spec.index, embedders[version].embed)
+        state.update(lambda s, spec=spec: s.with_version(spec).with_write_target(spec.name))
+    state.update(lambda s: s.with_weights({"v1": 50, "v2": 50}))
+    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
+    yield server.url, state, store, prefix
+    server.stop()
+    for version in ("v1", "v2"):
+        store.drop_index(f"{prefix}-{version}")
+
+
+def post_search(url, body, **headers):
+    return requests.post(f"{url}/search", json=body, headers=headers, timeout=10)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_search_uses_one_version_end_to_end_with_filters(deployment, embedders, version):
+    url, state, store, _ = deployment
+    body = {"query": "asyncio event loop", "k": 7, "filters": {"category": "Library", "date_from": "2019-01-01"}}
+    reply = post_search(url, body, **{"x-model-version": version})
+    assert reply.status_code == 200, reply.text
+    payload = reply.json()
+    assert payload["model_version"] == version == reply.headers["x-model-version"]
+    results = payload["results"]
+    assert len(results) == 7
+    assert all(r["fields"]["category"] == "Library" and r["fields"]["date"] >= "2019-01-01" for r in results)
+    # The same ranking as that version's generator + that version's index, and not the other one's.
+    vector = embedders[version].embed([body["query"]])[0]
+    expected = store.search(state.read().spec(version).index, vector, 7, Filters.from_dict(body["filters"]))
+    assert [r["id"] for r in results] == [h.id for h in expected]
+    assert np.allclose([r["score"] for r in results], [h.score for h in expected], atol=1e-4)
+
+
+def test_without_a_header_the_weights_assign_and_a_user_key_is_sticky(deployment):
+    url, state, _, _ = deployment
+    seen = {post_search(url, {"query": "unicode"}).json()["model_version"] for _ in range(30)}
+    assert seen == {"v1", "v2"}
+    for user in ("alice", "bob", "carol"):
+        versions = {post_search(url, {"query": "unicode"}, **{"x-user-id": user}).json()["model_version"]
+                    for _ in range(8)}
+        assert len(versions) == 1
+    cookie = requests.post(f"{url}/search", json={"query": "x"}, cookies={"uid": "alice"}).json()["model_version"]
+    assert cookie == post_search(url, {"query": "x"}, **{"x-user-id": "alice"}).json()["model_version"]
+
+
+def test_an_unknown_version_header_is_reassigned_not_refused(deployment):
+    url, *_ = deployment
+    reply = post_search(url, {"query": "x"}, **{"x-model-version": "v99"})
+    assert reply.status_code == 200 and reply.json()["model_version"] in ("v1", "v2")
+
+
+def test_a_weight_change_takes_effect_within_a_second_without_restart(deployment):
+    url, state, *_ = deployment
+    try:
+        StateFile(state.path).update(lambda s: s.with_weights({"v1": 0, "v2": 100}))
+        started = time.monotonic()
+        while {post_search(url, {"query": "x"}).json()["model_version"] for _ in range(5)} != {"v2"}:
+            assert time.monotonic() - started < 1.0
+    finally:
+        state.update(lambda s: s.with_weights({"v1": 50, "v2": 50}))
+
+
+def _visible_everywhere(url, doc_id, text, deadline=1.0) -> float:
+    started = time.monotonic()
+    pending = {"v1", "v2"}
+    while pending:
+        for version in list(pending):
+            hits = post_search(url, {"query": text, "k": 3, "filters": {"category": "Streaming"}},
+                               **{"x-model-version": version}).json()["results"]
+            if any(h["id"] == doc_id and h["fields"]["text"] == text for h in hits):
+                pending.discard(version)
+        elapsed = time.monotonic() - started
+        assert elapsed <= deadline, f"{doc_id} not visible in {pending} after {elapsed:.2f}s"
+    return time.monotonic() - started
+
+
+def test_streaming_updates_reach_every_write_target_within_a_second(deployment):
+    url, state, store, _ = deployment
+    doc_id = f"stream-{uuid.uuid4().hex[:8]}"
+    body = {"title": "Zero downtime rollout", "text": "dual write reaches both indices", "category": "Streaming",
+            "date": "2024-05-01", "version": 100}
+    reply = requests.put(f"{url}/documents/{doc_id}", json=body)
+    assert reply.status_code == 200 and reply.json()["applied"] == {"v1": True, "v2": True}
+    _visible_everywhere(url, doc_id, body["text"])
+    for version in ("v1", "v2"):  # each target embedded it with its own generator
+        stored = store.get_many(state.read().spec(version).index, [doc_id])[doc_id]
+        assert stored.seq == 100
+
+
+def test_an_older_write_never_overwrites_a_newer_one(deployment):
+    url, state, store, _ = deployment
+    doc_id = f"order-{uuid.uuid4().hex[:8]}"
+    new = {"title": "new", "text": "the newer text", "category": "Streaming", "date": "2024-05-01", "version": 20}
+    old = {**new, "text": "the older text", "version": 10}
+    assert requests.put(f"{url}/documents/{doc_id}", json=new).json()["applied"] == {"v1": True, "v2": True}
+    assert requests.put(f"{url}/documents/{doc_id}", json=old).json()["applied"] == {"v1": False, "v2": False}
+    _visible_everywhere(url, doc_id, new["text"])
+    assert requests.put(f"{url}/documents/{doc_id}", json=new).status_code == 200  # an idempotent retry
+
+
+def test_an_older_write_after_a_delete_never_resurrects(deployment):
+    url, state, store, _ = deployment
+    doc_id = f"gone-{uuid.uuid4().hex[:8]}"
+    body = {"title": "t", "text": "a document about to disappear", "category": "Streaming",
+            "date": "2024-05-01", "version": 5}
+    requests.put(f"{url}/documents/{doc_id}", json=body)
+    deleted = requests.delete(f"{url}/documents/{doc_id}", params={"version": 6})
+    assert deleted.status_code == 200 and deleted.json()["applied"] == {"v1": True, "v2": True}
+    late = requests.put(f"{url}/documents/{doc_id}", json={**body, "version": 4})
+    assert late.json()["applied"] == {"v1": False, "v2": False}
+    time.sleep(1.0)  # past the refresh interval: had it been written, it would be visible now
+    for version in ("v1", "v2"):
+        hits = post_search(url, {"query": body["text"], "k": 10, "filters": {"category": "Streaming"}},
+                           **{"x-model-version": version}).json()["results"]
+        assert doc_id not in [h["id"] for h in hits]
+        assert store.get_many(state.read().spec(version).index, [doc_id])[doc_id].deleted
+
+
+@pytest.mark.parametrize("body,problem", [
+    ({"k": 5}, "'query' is a required property"),
+    ({"query": "x", "k": 0}, "less than the minimum of 1"),
+    ({"query": "x", "k": 1000}, "greater than the maximum of 100"),
+    ({"query": "x", "filters": {"colour": "red"}}, "'colour' was unexpected"),
+    ({"query": "x", "filters": {"date_from": "last week"}}, "date"),
+    ({"query": ""}, "should be non-empty"),
+    ({"query": "x", "extra": 1}, "'extra' was unexpected"),
+])
+def test_bad_search_input_gets_a_400_naming_the_problem(deployment, body, problem):
+    url, *_ = deployment
+    reply = post_search(url, body)
+    assert reply.status_code == 400
+    assert problem in reply.json()["detail"]
+
+
+def test_malformed_json_and_bad_documents_get_400(deployment):
+    url, *_ = deployment
+    reply = requests.post(f"{url}/search", data="{not json", headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    missing = requests.put(f"{url}/documents/x1", json={"title": "t", "text": "x", "category": "c"})
+    assert missing.status_code == 400 and "'date' is a required property" in missing.json()["detail"]
+    bad_id = requests.put(f"{url}/documents/bad%20id", json={"title": "t", "text": "x", "category": "c",
+                                                               "date": "2020-01-01"})
+    assert bad_id.status_code == 400
+    bad_version = requests.delete(f"{url}/documents/x1", params={"version": "-3"})
+    assert bad_version.status_code == 400
+
+
+def test_health_readiness_and_metrics(deployment):
+    url, *_ = deployment
+    assert requests.get(f"{url}/healthz").json() == {"status": "ok"}
+    ready = requests.get(f"{url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["versions"]["v1"]["generator"] == "AVAILABLE"
+    post_search(url, {"query": "metrics"}, **{"x-model-version": "v2"})
+    post_search(url, {"query": "x", "k": 0})
+    metrics = requests.get(f"{url}/metrics").text
+    assert 'embedding_app_requests_total{endpoint="search",model_version="v2",status="200"}' in metrics
+    assert 'embedding_app_request_seconds_bucket{endpoint="search",le="0.25",model_version="v2"}' in metrics
+    assert requests.get(f"{url}/ui/").status_code == 200
+    assert requests.get(f"{url}/openapi.json").json()["paths"]["/search"]
+
+
+@pytest.fixture
+def broken_app(model_server, tmp_path):
+    """An app whose only live version has a generator on a closed port."""
+    from embedding_rollout.store.lance import LanceStore
+    store = LanceStore(str(tmp_path / "lance"))
+    store.create_index("docs-v3", 32, {"model_version": "v3"})
+    state = StateFile(tmp_path / "state.json")
+    spec = VersionSpec("v3", 32, "docs-v3", generator_grpc="127.0.0.1:9", generator_rest="http://127.0.0.1:9")
+    state.update(lambda s: s.with_version(spec).with_write_target("v3").with_weights({"v3": 100}))
+    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
+    yield server.url, store
+    server.stop()
+
+
+def test_a_down_generator_gives_503_in_time_and_writes_nothing(broken_app):
+    url, store = broken_app
+    started = time.monotonic()
+    reply = post_search(url, {"query": "x"})
+    assert reply.status_code == 503 and "unavailable" in reply.json()["detail"]
+    assert time.monotonic() - started < 3.0
+    write = requests.put(f"{url}/documents/d1", json={"title": "t", "text": "x", "category": "c",
+                                                      "date": "2020-01-01", "version": 3})
+    assert write.status_code == 503
+    assert store.get_many("docs-v3", ["d1"]) == {}
+    ready = requests.get(f"{url}/readyz")
+    assert ready.status_code == 503 and "unavailable" in ready.json()["versions"]["v3"]["generator"]
+    metrics = requests.get(f"{url}/metrics").text
+    assert 'embedding_app_errors_total{cause="GeneratorUnavailable",endpoint="search",model_version="v3"}' in metrics
+
+
+def test_a_down_store_gives_503(model_server, tmp_path):
+    from embedding_rollout.store.elastic import ElasticsearchStore
+    state = StateFile(tmp_path / "state.json")
+    spec = spec_for(model_server, "v1", "docs-v1")
+    state.update(lambda s: s.with_version(spec).with_write_target("v1").with_weights({"v1": 100}))
+    store = ElasticsearchStore("http://127.0.0.1:9", timeout=0.5)
+    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
+    try:
+        started = time.monotonic()
+        reply = post_search(server.url, {"query": "x"})
+        assert reply.status_code == 503 and "elasticsearch unavailable" in reply.json()["detail"]
+        assert time.monotonic() - started < 5.0
+    finally:
+        server.stop()

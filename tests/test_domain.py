@@ -1,0 +1,156 @@
+"""Versions, traffic split and the deployment state file."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import time
+
+import pytest
+
+from embedding_rollout.domain.state import (ConcurrentUpdate, DeploymentState, StateError, StateFile,
+                                            VersionSpec)
+from embedding_rollout.domain.traffic import (InvalidWeights, assign_version, bucket_of, ramp_plan,
+                                              validate_plan, validate_weights)
+from embedding_rollout.domain.versions import InvalidVersion, parse_version, version_key, version_label
+
+
+@pytest.mark.parametrize("label,number", [("v1", 1), ("v2", 2), ("v10", 10), ("v123456789", 123456789)])
+def test_parse_version(label, number):
+    assert parse_version(label) == number
+    assert version_label(number) == label
+
+
+@pytest.mark.parametrize("bad", ["", "1", "v0", "v01", "V2", "v2.1", "v-1", "latest", None, 2])
+def test_parse_version_rejects_malformed(bad):
+    with pytest.raises(InvalidVersion, match="model version"):
+        parse_version(bad)
+
+
+def test_versions_sort_numerically():
+    assert sorted(["v10", "v9", "v2"], key=version_key) == ["v2", "v9", "v10"]
+
+
+@pytest.mark.parametrize("weights,problem", [
+    ({}, "at least one"),
+    ({"v1": 90, "v2": 20}, "sum to 100"),
+    ({"v1": 101}, "between 0 and 100"),
+    ({"v1": -10, "v2": 110}, "between 0 and 100"),
+    ({"v1": 50.5, "v2": 49.5}, "integer"),
+    ({"x1": 100}, "invalid model version"),
+])
+def test_invalid_weights_are_refused_with_the_reason(weights, problem):
+    with pytest.raises(InvalidWeights, match=problem):
+        validate_weights(weights)
+
+
+def test_assignment_follows_the_weights():
+    rng = random.Random(1)
+    picks = [assign_version({"v1": 80, "v2": 20}, rng=rng) for _ in range(20_000)]
+    share = picks.count("v2") / len(picks)
+    assert 0.18 < share < 0.22
+    assert assign_version({"v1": 0, "v2": 100}, rng=rng) == "v2"
+
+
+def test_sticky_assignment_is_stable_and_only_moves_users_to_the_new_version():
+    users = [f"user-{i}" for i in range(3000)]
+    previous = {u: assign_version({"v1": 100, "v2": 0}, u) for u in users}
+    assert set(previous.values()) == {"v1"}
+    for new_weight in (5, 10, 25, 50, 75, 100):
+        current = {u: assign_version({"v1": 100 - new_weight, "v2": new_weight}, u) for u in users}
+        moved_back = [u for u in users if previous[u] == "v2" and current[u] == "v1"]
+        assert not moved_back
+        share = sum(v == "v2" for v in current.values()) / len(users)
+        assert abs(share - new_weight / 100) < 0.04
+        previous = current
+    assert bucket_of("alice") == bucket_of("alice")
+
+
+def test_ramp_plan_and_explicit_plans():
+    assert ramp_plan(25) == [25, 50, 75, 100]
+    assert ramp_plan(30) == [30, 60, 90, 100]
+    assert ramp_plan(100) == [100]
+    with pytest.raises(InvalidWeights, match="step_percent"):
+        ramp_plan(0)
+    assert validate_plan([5, 20, 100]) == [5, 20, 100]
+    for bad, problem in (([], "empty"), ([50, 20, 100], "decrease"), ([10, 50], "end at 100"), ([10, 120], "between")):
+        with pytest.raises(InvalidWeights, match=problem):
+            validate_plan(bad)
+
+
+def _spec(name: str, dims: int = 8) -> VersionSpec:
+    return VersionSpec(name, dims, f"docs-{name}")
+
+
+def test_state_transitions_keep_the_state_consistent():
+    state = DeploymentState().with_version(_spec("v1")).with_write_target("v1").with_weights({"v1": 100})
+    assert state.stable == "v1" and state.live_versions == ["v1"]
+    state = state.with_version(_spec("v2", 16)).with_write_target("v2")
+    assert state.write_targets == ("v1", "v2")
+    assert not state.is_live("v2")  # deployed and dual-written, but not routable yet
+    state = state.with_weights({"v1": 90, "v2": 10})
+    with pytest.raises(StateError, match="still has 10 %"):
+        state.without_version("v2")
+    with pytest.raises(StateError, match="undeployed"):
+        state.with_weights({"v1": 50, "v3": 50})
+    with pytest.raises(StateError, match="stable"):
+        state.with_weights({"v2": 100}).without_version("v1")
+    state = state.with_weights({"v2": 100}).with_stable("v2").without_version("v1")
+    assert list(state.versions) == ["v2"] and state.write_targets == ("v2",) and state.weights == {"v2": 100}
+
+
+def test_assign_honours_a_live_header_and_reassigns_anything_else():
+    state = (DeploymentState().with_version(_spec("v1")).with_version(_spec("v2"))
+             .with_weights({"v1": 100, "v2": 0}))
+    assert state.assign("v2") == "v2"        # live at weight 0: explicit header still honoured
+    assert state.assign("v7") == "v1"        # unknown version: re-assigned by weight
+    assert state.assign("garbage") == "v1"
+    assert state.assign(None, "some-user") == "v1"
+
+
+def test_state_file_round_trip_and_revision(state_file):
+    assert state_file.read() == DeploymentState()
+    first = state_file.update(lambda s: s.with_version(_spec("v1")).with_weights({"v1": 100}))
+    assert first.revision == 1
+    assert state_file.update(lambda s: s).revision == 1  # no change, no new revision
+    with pytest.raises(ConcurrentUpdate):
+        state_file.update(lambda s: s.with_write_target("v1"), expected_revision=0)
+    assert StateFile(state_file.path).read() == first
+    assert json.loads(state_file.path.read_text())["weights"] == {"v1": 100}
+
+
+def test_state_file_refuses_an_invalid_change_and_keeps_the_old_state(state_file):
+    state_file.update(lambda s: s.with_version(_spec("v1")).with_weights({"v1": 100}))
+    before = state_file.path.read_bytes()
+    with pytest.raises(StateError):
+        state_file.update(lambda s: DeploymentState(s.versions, {"v1": 70}, (), "v1"))
+    assert state_file.path.read_bytes() == before
+
+
+def _bump(path: str, times: int) -> None:
+    states = StateFile(path)
+    for _ in range(times):
+        states.update(lambda s: s.with_weights({"v1": 100 - (s.revision % 2), "v2": s.revision % 2}))
+
+
+def test_concurrent_writers_in_several_processes_lose_no_update(state_file):
+    state_file.update(lambda s: s.with_version(_spec("v1")).with_version(_spec("v2")).with_weights({"v1": 100}))
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_bump, args=(str(state_file.path), 25)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert all(w.exitcode == 0 for w in workers)
+    assert state_file.read().revision == 1 + 75
+
+
+def test_a_reader_sees_another_writers_change_at_once(state_file):
+    reader = StateFile(state_file.path)
+    state_file.update(lambda s: s.with_version(_spec("v1")).with_version(_spec("v2")).with_weights({"v1": 100}))
+    assert reader.read().weights == {"v1": 100}
+    StateFile(state_file.path).update(lambda s: s.with_weights({"v1": 40, "v2": 60}))
+    started = time.monotonic()
+    while reader.read().weights != {"v1": 40, "v2": 60}:
+        assert time.monotonic() - started < 1.0
+    assert reader.read().revision == 2

@@ -1,0 +1,182 @@
+"""One contract, two backends: the embedded LanceDB store and the real Elasticsearch server."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from conftest import elasticsearch_store
+from embedding_rollout.store.base import Filters, IndexNotFound, InvalidFilter, StoredDocument
+
+DIMS = 8
+
+
+def unit(seed: int) -> np.ndarray:
+    vector = np.random.default_rng(seed).normal(size=DIMS).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def doc(i: int, seq: int = 1, category: str | None = None, date: str = "2020-01-01", vector=None) -> StoredDocument:
+    fields = {"title": f"title {i}", "text": f"text {i} seq {seq}", "category": category or f"c{i % 3}", "date": date}
+    return StoredDocument(f"d{i}", seq, fields, unit(i) if vector is None else vector)
+
+
+@pytest.fixture
+def index(store):
+    name = store.test_index()
+    assert store.create_index(name, DIMS, {"model_version": "v9", "run_id": "run-1"}) is True
+    return name
+
+
+def refreshed(store, index):
+    """Elasticsearch makes writes searchable at its refresh; the contract allows up to 1 s."""
+    if hasattr(store, "client"):
+        store.client.indices.refresh(index=index)
+
+
+def test_create_index_is_idempotent_and_records_the_model_version(store, index):
+    assert store.create_index(index, DIMS, {"model_version": "v9"}) is False
+    meta = store.index_meta(index)
+    assert meta["model_version"] == "v9" and meta["run_id"] == "run-1" and int(meta["dims"]) == DIMS
+    with pytest.raises(ValueError, match="dims"):
+        store.create_index(index, DIMS * 2, {"model_version": "v9"})
+    assert index in store.indices()
+
+
+def test_newer_write_wins_and_older_write_is_ignored(store, index):
+    assert store.upsert(index, doc(1, seq=5)) is True
+    assert store.upsert(index, doc(1, seq=3)) is False
+    assert store.upsert(index, doc(1, seq=5)) is False  # a retry of the same write changes nothing
+    assert store.get_many(index, ["d1"])["d1"].fields["text"] == "text 1 seq 5"
+    assert store.upsert(index, doc(1, seq=9)) is True
+    assert store.get_many(index, ["d1"])["d1"].seq == 9
+
+
+def test_an_older_write_after_a_delete_does_not_resurrect(store, index):
+    store.upsert(index, doc(1, seq=5))
+    assert store.delete(index, "d1", 6) is True
+    assert store.upsert(index, doc(1, seq=4)) is False
+    stored = store.get_many(index, ["d1"])["d1"]
+    assert stored.deleted and stored.seq == 6
+    refreshed(store, index)
+    assert store.count(index) == 0
+    assert all(h.id != "d1" for h in store.search(index, unit(1), 5, Filters()))
+    assert store.upsert(index, doc(1, seq=7)) is True  # a newer write does bring it back
+    refreshed(store, index)
+    assert store.count(index) == 1
+
+
+def test_delete_of_an_unknown_document_still_blocks_older_writes(store, index):
+    assert store.delete(index, "ghost", 10) is True
+    assert store.upsert(index, doc(99, seq=3).__class__("ghost", 3, {"title": "t", "text": "x",
+                                                                     "category": "c0", "date": "2020-01-01"}, unit(3))) is False
+
+
+def test_bulk_write_counts_written_and_stale(store, index):
+    store.upsert(index, doc(2, seq=10))
+    result = store.bulk_write(index, [doc(i, seq=5) for i in range(6)])
+    assert (result.written, result.stale, result.failed) == (5, 1, [])
+    again = store.bulk_write(index, [doc(i, seq=5) for i in range(6)])
+    assert (again.written, again.stale) == (0, 6)
+    refreshed(store, index)
+    assert store.count(index) == 6
+
+
+def test_knn_search_prefilters_so_k_hits_come_back(store, index):
+    # 60 documents, only 10 in category "rare"; they lie far from the query vector.
+    query = unit(1000)
+    docs = [doc(i, category="common", vector=query + 0.01 * unit(i)) for i in range(50)]
+    docs += [doc(100 + i, category="rare", vector=-query + 0.3 * unit(i)) for i in range(10)]
+    store.bulk_write(index, [StoredDocument(d.id, d.seq, d.fields, d.vector / np.linalg.norm(d.vector)) for d in docs])
+    refreshed(store, index)
+    hits = store.search(index, query, 5, Filters(category=("rare",)))
+    assert len(hits) == 5
+    assert all(h.fields["category"] == "rare" for h in hits)
+    top = store.search(index, query, 3, Filters())
+    assert all(h.fields["category"] == "common" for h in top)
+    assert top[0].score > 0.9 and hits[0].score < 0  # scores are cosine similarities on both backends
+    assert [h.score for h in top] == sorted((h.score for h in top), reverse=True)
+
+
+def test_date_range_and_category_list_filters(store, index):
+    store.bulk_write(index, [doc(i, category=f"c{i % 3}", date=f"20{10 + i:02d}-06-01") for i in range(10)])
+    refreshed(store, index)
+    hits = store.search(index, unit(1), 10, Filters(category=("c0", "c1"), date_from="2012-01-01", date_to="2016-12-31"))
+    assert sorted(h.id for h in hits) == sorted(f"d{i}" for i in range(2, 7) if i % 3 in (0, 1))
+
+
+def test_filters_reject_unknown_fields_and_bad_dates():
+    with pytest.raises(InvalidFilter, match="unknown filter field.*color"):
+        Filters.from_dict({"color": "red"})
+    with pytest.raises(InvalidFilter, match="date_from"):
+        Filters.from_dict({"date_from": "yesterday"})
+    assert Filters.from_dict({"category": "Library"}).category == ("Library",)
+
+
+def test_scan_yields_every_live_document_in_batches(store, index):
+    store.bulk_write(index, [doc(i) for i in range(120)])
+    store.delete(index, "d7", 99)
+    refreshed(store, index)
+    scanned = list(store.scan(index, batch_size=25))
+    assert len(scanned) == 119 and "d7" not in {d.id for d in scanned}
+    assert {d.id: d.seq for d in scanned}["d8"] == 1 and scanned[0].fields["title"].startswith("title")
+    assert len(list(store.scan(index, batch_size=25, include_deleted=True))) == 120
+
+
+def test_purge_tombstones_and_drop(store, index):
+    store.bulk_write(index, [doc(i) for i in range(3)])
+    store.delete(index, "d0", 5)
+    refreshed(store, index)
+    assert store.purge_tombstones(index) == 1
+    assert store.count(index) == 2 and "d0" not in store.get_many(index, ["d0", "d1"])
+    assert store.drop_index(index) is True
+    assert store.drop_index(index) is False
+    with pytest.raises(IndexNotFound):
+        store.count(index)
+
+
+def test_bulk_load_settings_are_restored(store, index):
+    store.begin_bulk_load(index)
+    store.bulk_write(index, [doc(i) for i in range(20)])
+    store.end_bulk_load(index)
+    assert store.count(index) == 20  # searchable right after the load ends
+    if hasattr(store, "client"):
+        settings = store.client.indices.get_settings(index=index)[index]["settings"]["index"]
+        assert settings["refresh_interval"] == "500ms"
+
+
+def test_store_is_ready(store):
+    store.ready()
+
+
+@pytest.fixture
+def es_index():
+    store = elasticsearch_store()
+    index = f"test-gc-{uuid.uuid4().hex[:10]}"
+    store.create_index(index, DIMS, {"model_version": "v9"})
+    yield store, index
+    store.drop_index(index)
+
+
+@pytest.mark.elasticsearch
+def test_tombstones_outlive_elasticsearch_gc_deletes(es_index):
+    """A real delete's version is forgotten after index.gc_deletes; a tombstone's is not."""
+    store, index = es_index
+    store.client.indices.put_settings(index=index, settings={"index.gc_deletes": "0ms"})
+    # First show the trap with a real delete: the older write comes back.
+    store.client.index(index=index, id="trap", document={"seq": 5, "deleted": False}, version=5,
+                       version_type="external")
+    store.client.delete(index=index, id="trap", version=6, version_type="external")
+    time.sleep(0.2)
+    store.client.indices.flush(index=index)
+    assert store.upsert(index, StoredDocument("trap", 4, {"title": "t", "text": "x", "category": "c",
+                                                          "date": "2020-01-01"}, unit(1))) is True
+    # The store's delete is a tombstone: the same sequence cannot resurrect the document.
+    store.upsert(index, doc(1, seq=5))
+    store.delete(index, "d1", 6)
+    time.sleep(0.2)
+    store.client.indices.flush(index=index)
+    assert store.upsert(index, doc(1, seq=4)) is False
+    assert store.get_many(index, ["d1"])["d1"].deleted
