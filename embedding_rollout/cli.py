@@ -122,6 +122,20 @@ def up(settings: Settings, host, port, rest_port, grpc_port):
         stack.stop()
 
 
+@main.command()
+@click.option("--step-percent", default=25, show_default=True, type=click.IntRange(1, 100))
+@click.option("--interval", default=5, show_default=True, type=click.IntRange(0, 3600),
+              help="Seconds between ramp steps.")
+@click.option("--port", default=8080, show_default=True, type=int,
+              help="The app's port; the model server takes the next two (REST, gRPC).")
+@click.option("--verbose", is_flag=True, help="Show Airflow's task logs.")
+@click.pass_obj
+def demo(settings: Settings, step_percent, interval, port, verbose):
+    """The main job: a local zero-downtime rollout of the next version through Airflow, with live traffic."""
+    from .demo import run_demo
+    sys.exit(0 if run_demo(settings, step_percent, interval, port, verbose) else 1)
+
+
 # -- generator -------------------------------------------------------------------------------
 @main.group()
 def generator():
@@ -160,11 +174,13 @@ def generator_unload(settings: Settings, version):
 @main.command()
 @VERSION
 @click.option("--run-id", default="", help="The run that deploys it (recorded in the index _meta).")
+@click.option("--artifact", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A SavedModel folder to install as this version (default: already in the repository).")
 @click.pass_obj
-def deploy(settings: Settings, version, run_id):
+def deploy(settings: Settings, version, run_id, artifact):
     """Step 1: serve the version's generator, create its index, register it (idempotent)."""
     from .steps import deploy_version
-    _print(deploy_version(settings, version, run_id).to_json())
+    _print(deploy_version(settings, version, run_id, artifact).to_json())
 
 
 @main.command("dual-write")
@@ -198,13 +214,12 @@ def index_create(settings: Settings, version):
 @click.option("--source", default="corpus", show_default=True,
               help="'corpus' (the snapshot) or a deployed version whose index to re-embed, e.g. v1.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint file to resume from (default: $ER_HOME/checkpoints/<version>.json).")
+              help="Checkpoint file to resume from (default: $ER_HOME/checkpoints/<version>-from-<source>.json).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 4096))
 @click.pass_obj
 def index_load(settings: Settings, version, source, checkpoint, batch_size):
     """Step 3: embed every source document with the version's generator into its index (resumable)."""
     from .steps import backfill
-    checkpoint = checkpoint or settings.home / "checkpoints" / f"{version}-from-{source}.json"
     result = backfill(settings, version, source, checkpoint, batch_size)
     _print(vars(result))
 

@@ -54,9 +54,13 @@ class LocalStack:
         """First start: v1 deployed, the corpus indexed, all traffic and writes to v1."""
         settings = self.settings
         steps.deploy_version(settings, FIRST_VERSION, run_id="bootstrap")
-        steps.backfill(settings, FIRST_VERSION, "corpus", settings.home / "checkpoints" / "v1-from-corpus.json")
+        steps.backfill(settings, FIRST_VERSION, "corpus")
         steps.start_dual_write(settings, FIRST_VERSION)
         steps.set_weights(settings, {FIRST_VERSION: 100})
+
+    @property
+    def state(self):
+        return steps.state_file(self.settings)
 
     @property
     def app_url(self) -> str:

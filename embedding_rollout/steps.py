@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from .config import Settings
 from .domain.state import DeploymentState, StateFile, VersionSpec
 from .domain.traffic import validate_weights
 from .domain.versions import parse_version
-from .generator.admin import ModelServerAdmin
-from .generator.client import GeneratorTarget, generator_client
-from .pipeline.indexing import Checkpoint, Verification, corpus_source, load_index, verify_index
 from .store import open_store
+
+# The generator and indexing modules import TensorFlow (through the TF Serving protos): imported
+# where needed, so that light steps (dual-write, weights, promote) start in a fraction of a second.
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +44,30 @@ def version_spec(settings: Settings, version: str, run_id: str = "") -> VersionS
                        generator_rest=settings.generator_rest, run_id=run_id)
 
 
-def admin(settings: Settings) -> ModelServerAdmin:
+def admin(settings: Settings):
+    from .generator.admin import ModelServerAdmin
     serving_path = str(Path(settings.serving_model_path or settings.model_dir))
     return ModelServerAdmin(settings.generator_grpc, settings.model_name, serving_path)
 
 
-def deploy_version(settings: Settings, version: str, run_id: str = "") -> DeploymentState:
+def install_artifact(settings: Settings, version: str, artifact: Path) -> Path:
+    """Copy a SavedModel folder into the model repository as ``version`` (atomically; once)."""
+    target = settings.model_dir / str(parse_version(version))
+    if target.exists() or artifact.resolve() == target.resolve():
+        return target
+    if not (artifact / "saved_model.pb").exists():
+        raise FileNotFoundError(f"{artifact} is not a SavedModel folder (no saved_model.pb)")
+    staging = settings.model_dir / f".{target.name}-incoming"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(artifact, staging)
+    os.replace(staging, target)
+    return target
+
+
+def deploy_version(settings: Settings, version: str, run_id: str = "", artifact: Path | None = None) -> DeploymentState:
     """Step 1: generator AVAILABLE, index created with an explicit mapping, version registered."""
+    if artifact is not None:
+        install_artifact(settings, version, artifact)
     spec = version_spec(settings, version, run_id)
     admin(settings).load(spec.number)
     created = open_store(settings).create_index(
@@ -67,6 +86,7 @@ def start_dual_write(settings: Settings, version: str) -> DeploymentState:
 
 def _source(settings: Settings, source: str):
     """Documents to index: ``corpus`` (the snapshot) or a version whose index is the source."""
+    from .pipeline.indexing import corpus_source
     if source == "corpus":
         return corpus_source, None
     store = open_store(settings)
@@ -74,9 +94,16 @@ def _source(settings: Settings, source: str):
     return (lambda: store.scan(index)), (lambda: store.count(index))
 
 
+def checkpoint_path(settings: Settings, version: str, source: str) -> Path:
+    return settings.home / "checkpoints" / f"{version}-from-{source}.json"
+
+
 def backfill(settings: Settings, version: str, source: str, checkpoint: Path | None = None,
-             batch_size: int = 256) -> Checkpoint:
+             batch_size: int = 256):
     """Step 3: embed every source document with ``version``'s generator into its index."""
+    from .generator.client import GeneratorTarget, generator_client
+    from .pipeline.indexing import load_index
+    checkpoint = checkpoint or checkpoint_path(settings, version, source)
     spec = state_file(settings).read().spec(version)
     documents, count = _source(settings, source)
     total = count() if count else None
@@ -87,8 +114,9 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
                       batch_size=batch_size, checkpoint_path=checkpoint, label=f"backfill {version} from {source}")
 
 
-def verify_backfill(settings: Settings, version: str, source: str) -> Verification:
+def verify_backfill(settings: Settings, version: str, source: str):
     """Every source document is in ``version``'s index at its latest version (or newer)."""
+    from .pipeline.indexing import verify_index
     documents, _ = _source(settings, source)
     spec = state_file(settings).read().spec(version)
     return verify_index(documents(), open_store(settings), spec.index)
@@ -117,4 +145,6 @@ def remove_version(settings: Settings, version: str) -> DeploymentState:
         server.unload(number)
     if open_store(settings).drop_index(settings.index_name(version) if spec is None else spec.index):
         log.info("dropped the index of %s", version)
+    for checkpoint in (settings.home / "checkpoints").glob(f"{version}-from-*.json"):
+        checkpoint.unlink()  # a later deployment of the same version must backfill again
     return state

@@ -7,12 +7,20 @@ in CI (``CI=true``) it fails them.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Airflow reads its configuration at import: a throwaway home with the project's DAGs and plugins.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="er-airflow-"))
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 
 from embedding_rollout.domain.state import StateFile, VersionSpec  # noqa: E402
 from embedding_rollout.generator.client import GeneratorTarget, generator_client  # noqa: E402
@@ -98,3 +106,19 @@ def _unique(created: list[str], name: str) -> str:
 @pytest.fixture
 def state_file(tmp_path) -> StateFile:
     return StateFile(tmp_path / "state.json")
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's metadata database (SQLite in the throwaway AIRFLOW_HOME), migrated once."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag

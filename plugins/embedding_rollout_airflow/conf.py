@@ -1,0 +1,82 @@
+"""DAG run configuration: Params (the trigger form, validated at trigger time) and the semantic
+checks no JSON schema can make (the current version exists, the model artifact is there), run as
+the first task so that an invalid conf is refused before anything changes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from airflow.sdk import Param
+
+from embedding_rollout.config import Settings
+from embedding_rollout.domain.state import StateFile
+from embedding_rollout.domain.traffic import InvalidWeights, ramp_plan, validate_plan
+from embedding_rollout.domain.versions import parse_version
+
+VERSION_PATTERN = "^v[1-9][0-9]{0,8}$"
+
+
+class InvalidConf(ValueError):
+    pass
+
+
+def rollout_params() -> dict[str, Param]:
+    """What every deployment DAG asks for."""
+    return {
+        "new_version": Param(type="string", pattern=VERSION_PATTERN, title="New model version",
+                             description="The version to roll out, e.g. v2 (TF Serving version 2)."),
+        "model_artifact": Param(None, type=["null", "string"], title="Model artifact",
+                                description="A SavedModel folder to deploy as the new version; empty: the "
+                                            "model repository's folder of that version."),
+        "current_version": Param(None, type=["null", "string"], pattern=VERSION_PATTERN, title="Current version",
+                                 description="The version serving now; empty: the deployment's stable version."),
+        "max_error_rate": Param(0.05, type="number", minimum=0, maximum=1, title="Maximum error rate",
+                                description="Analysis fails when the new version's error rate exceeds this."),
+        "max_p99_ratio": Param(2.0, type="number", minimum=1, title="Maximum p99 ratio",
+                               description="Analysis fails when the new version's p99 latency exceeds this "
+                                           "multiple of the stable version's."),
+        "min_requests": Param(20, type="integer", minimum=0, title="Minimum requests",
+                              description="Fewer requests than this in a step: inconclusive, not judged."),
+        "rollback_window_seconds": Param(0, type="integer", minimum=0, maximum=7 * 86400, title="Rollback window",
+                                         description="Keep the old version this long after promotion."),
+    }
+
+
+def ramped_params() -> dict[str, Param]:
+    return {
+        **rollout_params(),
+        "step_percent": Param(25, type="integer", minimum=1, maximum=100, title="Step (%)",
+                              description="Weight added to the new version at each step."),
+        "step_interval_seconds": Param(30, type="integer", minimum=0, maximum=86400, title="Step interval (s)"),
+        "weights": Param(None, type=["null", "array"], items={"type": "integer", "minimum": 0, "maximum": 100},
+                         title="Explicit weights",
+                         description="Instead of steps: the new version's weight at each step, ending at 100."),
+    }
+
+
+def resolve_conf(params: dict, settings: Settings | None = None) -> dict:
+    """Check the conf against the deployment; return it with the current version and plan resolved."""
+    settings = settings or Settings()
+    state = StateFile(settings.state_path).read()
+    new = params["new_version"]
+    current = params.get("current_version") or state.stable
+    if current is None:
+        raise InvalidConf("there is no current version: deploy a first version before rolling out another")
+    if current not in state.weights:
+        raise InvalidConf(f"current version {current} is not live (live: {sorted(state.weights)})")
+    if new == current:
+        raise InvalidConf(f"new version {new} is the current version")
+    if state.weights.get(new, 0) == 100:
+        raise InvalidConf(f"{new} already serves all traffic")
+    artifact = params.get("model_artifact")
+    folder = Path(artifact) if artifact else settings.model_dir / str(parse_version(new))
+    if not (folder / "saved_model.pb").exists():
+        raise InvalidConf(f"model artifact for {new} not found: {folder} has no saved_model.pb")
+    resolved = {**params, "current_version": current, "model_artifact": str(folder)}
+    if "step_percent" in params:
+        try:
+            resolved["plan"] = validate_plan(params["weights"]) if params.get("weights") else ramp_plan(
+                params["step_percent"])
+        except InvalidWeights as exc:
+            raise InvalidConf(str(exc)) from exc
+    resolved["thresholds"] = {k: params[k] for k in ("max_error_rate", "max_p99_ratio", "min_requests")}
+    return resolved

@@ -1,0 +1,66 @@
+"""Deployment step commands as tasks: a KubernetesPodOperator pod of the project image, or the
+same ``embedding-rollout`` command as a local process. The DAG's graph is the same in both."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from ..runtime import KUBERNETES, Runtime
+
+
+class LocalStepOperator(BaseOperator):
+    """Run ``embedding-rollout <arguments>`` as a local process, streaming its output to the task log."""
+
+    template_fields: Sequence[str] = ("arguments",)
+    ui_color = "#e8f4fd"
+
+    def __init__(self, *, arguments: list[str], env: dict[str, str] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.arguments = arguments
+        self.env = env
+
+    def execute(self, context):
+        command = [sys.executable, "-m", "embedding_rollout.cli", *map(str, self.arguments)]
+        self.log.info("running %s", " ".join(command[2:]))
+        env = None if self.env is None else {**os.environ, **self.env}
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+            for line in proc.stdout:
+                self.log.info("%s", line.rstrip())
+        if proc.returncode != 0:
+            raise AirflowException(f"`embedding-rollout {' '.join(map(str, self.arguments))}` exited {proc.returncode}")
+
+
+def pod_operator(task_id: str, arguments: list[str], runtime: Runtime, **kwargs):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    return KubernetesPodOperator(
+        task_id=task_id,
+        name=f"rollout-{task_id.replace('_', '-')}",
+        namespace=runtime.namespace,
+        image=runtime.image,
+        cmds=["embedding-rollout"],
+        arguments=arguments,
+        env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(runtime.step_env.items())],
+        service_account_name=runtime.service_account,
+        labels={"app.kubernetes.io/name": "embedding-rollout", "app.kubernetes.io/component": "rollout-step"},
+        container_resources=k8s.V1ResourceRequirements(requests={"cpu": "500m", "memory": "1Gi"},
+                                                       limits={"memory": "4Gi"}),
+        get_logs=True,
+        reattach_on_restart=True,  # a restarted worker picks the running pod up again
+        on_finish_action="delete_succeeded_pod",  # failed pods stay for inspection
+        **kwargs,
+    )
+
+
+def step(task_id: str, arguments: list[str], runtime: Runtime | None = None, **kwargs) -> BaseOperator:
+    """A step task in the configured runtime."""
+    runtime = runtime or Runtime()
+    if runtime.kind == KUBERNETES:
+        return pod_operator(task_id, arguments, runtime, **kwargs)
+    return LocalStepOperator(task_id=task_id, arguments=arguments, **kwargs)

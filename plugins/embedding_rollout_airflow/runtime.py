@@ -1,0 +1,30 @@
+"""One setting chooses where the step commands run: ``ER_AIRFLOW_RUNTIME=local|kubernetes``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+LOCAL, KUBERNETES = "local", "kubernetes"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    kind: str = field(default_factory=lambda: _env("ER_AIRFLOW_RUNTIME", LOCAL))
+    image: str = field(default_factory=lambda: _env("ER_IMAGE", "embedding-rollout:0.1.0"))
+    namespace: str = field(default_factory=lambda: _env("ER_K8S_NAMESPACE", "embeddings"))
+    service_account: str = field(default_factory=lambda: _env("ER_STEP_SERVICE_ACCOUNT", "rollout-steps"))
+    gateway_virtual_service: str = field(default_factory=lambda: _env("ER_GATEWAY_VIRTUAL_SERVICE", "embedding-app"))
+    app_url: str = field(default_factory=lambda: _env("ER_APP_URL", "http://127.0.0.1:8080"))
+
+    def __post_init__(self):
+        if self.kind not in (LOCAL, KUBERNETES):
+            raise ValueError(f"ER_AIRFLOW_RUNTIME must be '{LOCAL}' or '{KUBERNETES}', got {self.kind!r}")
+
+    @property
+    def step_env(self) -> dict[str, str]:
+        """The ER_* settings the step commands need, passed on to pods and processes alike."""
+        return {k: v for k, v in os.environ.items() if k.startswith("ER_")}

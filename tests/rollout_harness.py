@@ -1,0 +1,52 @@
+"""A local stack for deployment tests: models, model server, v1 deployed, the app, live traffic."""
+from __future__ import annotations
+
+import shutil
+
+from embedding_rollout import steps
+from embedding_rollout.config import Settings
+from embedding_rollout.domain.state import StateFile
+from embedding_rollout.generator.models import ModelManager
+from embedding_rollout.generator.server import ModelServer
+from embedding_rollout.loadgen import Traffic, TrafficRecord, verify_consistency
+from serving_app import AppServer, create_app
+
+
+class LocalDeployment:
+    """ER_* settings in os.environ (step commands inherit them), servers on ephemeral ports."""
+
+    def __init__(self, home, model_repo, monkeypatch):
+        models = home / "models" / "embedder"
+        for number in (1, 2):
+            shutil.copytree(model_repo / str(number), models / str(number))
+        manager = ModelManager("embedder", models)
+        manager.serve([1])
+        self.model_server = ModelServer(manager, rest_port=0, grpc_port=0).start()
+        env = {"ER_HOME": str(home), "ER_STORE": "lance",
+               "ER_GENERATOR_GRPC": f"127.0.0.1:{self.model_server.grpc_port}",
+               "ER_GENERATOR_REST": f"http://127.0.0.1:{self.model_server.rest_port}",
+               "ER_AIRFLOW_RUNTIME": "local"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        self.settings = Settings()
+        steps.deploy_version(self.settings, "v1", run_id="bootstrap")
+        steps.backfill(self.settings, "v1", "corpus")
+        steps.start_dual_write(self.settings, "v1")
+        steps.set_weights(self.settings, {"v1": 100})
+        self.app = AppServer(create_app(self.settings)).start()
+        monkeypatch.setenv("ER_APP_URL", self.app.url)
+        self.state = StateFile(self.settings.state_path)
+
+    def stop(self) -> None:
+        self.app.stop()
+        self.model_server.stop()
+
+
+def traffic(deployment: "LocalDeployment", **kwargs) -> Traffic:
+    return Traffic(deployment.app.url, lambda: deployment.state.read().weights, **kwargs)
+
+
+def check_version_consistency(deployment: LocalDeployment, record: TrafficRecord) -> int:
+    checked, mismatches = verify_consistency(record, deployment.settings.model_dir)
+    assert mismatches == []
+    return checked

@@ -1,0 +1,99 @@
+"""Invalid DAG conf is refused before anything changes, with a clear message."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from embedding_rollout.config import Settings
+from embedding_rollout.domain.state import StateFile, VersionSpec
+from embedding_rollout_airflow.conf import InvalidConf, resolve_conf
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ER_HOME", str(tmp_path))
+    (tmp_path / "models" / "embedder" / "2").mkdir(parents=True)
+    (tmp_path / "models" / "embedder" / "2" / "saved_model.pb").write_bytes(b"model")
+    StateFile(tmp_path / "state.json").update(
+        lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_write_target("v1").with_weights({"v1": 100}))
+    return tmp_path
+
+
+BASE = {"new_version": "v2", "current_version": None, "model_artifact": None, "step_percent": 25,
+        "weights": None, "max_error_rate": 0.05, "max_p99_ratio": 2.0, "min_requests": 20}
+
+
+def test_a_valid_conf_is_resolved(home):
+    conf = resolve_conf(BASE, Settings())
+    assert conf["current_version"] == "v1" and conf["plan"] == [25, 50, 75, 100]
+    assert conf["model_artifact"].endswith("embedder/2")
+    assert resolve_conf({**BASE, "weights": [5, 50, 100]}, Settings())["plan"] == [5, 50, 100]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"current_version": "v7"}, "current version v7 is not live"),
+    ({"new_version": "v1"}, "is the current version"),
+    ({"new_version": "v3"}, "model artifact for v3 not found"),
+    ({"model_artifact": "/nowhere/model"}, "/nowhere/model has no saved_model.pb"),
+    ({"weights": [50, 20, 100]}, "must not decrease"),
+    ({"weights": [10, 50]}, "must end at 100"),
+])
+def test_semantic_problems_are_named(home, change, message):
+    with pytest.raises(InvalidConf, match=message):
+        resolve_conf({**BASE, **change}, Settings())
+
+
+def test_no_current_version_at_all(tmp_path, monkeypatch):
+    monkeypatch.setenv("ER_HOME", str(tmp_path))
+    with pytest.raises(InvalidConf, match="no current version"):
+        resolve_conf(BASE, Settings())
+
+
+@pytest.fixture(scope="module")
+def ramped(dagbag):
+    return dagbag.get_dag("embedding_deploy_ramped")
+
+
+@pytest.mark.parametrize("conf,message", [
+    ({"new_version": "2"}, "does not match"),
+    ({"new_version": "v2", "step_percent": 0}, "less than the minimum"),
+    ({"new_version": "v2", "weights": [10, 120]}, "greater than the maximum"),
+    ({"new_version": "v2", "max_error_rate": 2}, "greater than the maximum"),
+    ({}, "new_version"),
+])
+def test_the_trigger_form_refuses_malformed_conf(ramped, home, conf, message):
+    from airflow.sdk.exceptions import ParamValidationError
+    before = (home / "state.json").read_bytes()
+    with pytest.raises(ParamValidationError, match=message):
+        ramped.test(run_conf=conf)
+    assert (home / "state.json").read_bytes() == before
+
+
+def test_a_refused_conf_changes_nothing_and_rolls_nothing_back(ramped, home):
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    before = (home / "state.json").read_bytes()
+    run = ramped.test(run_conf={"new_version": "v2", "current_version": "v9"})
+    assert run.state == DagRunState.FAILED
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["validate_conf"] == TaskInstanceState.FAILED
+    assert states["deploy_new_version"] == TaskInstanceState.UPSTREAM_FAILED
+    assert states["guarded_rollback"] == TaskInstanceState.SKIPPED
+    assert (home / "state.json").read_bytes() == before
+
+
+def test_airflow_cli_parses_and_refuses_bad_conf(airflow_db, home):
+    listed = subprocess.run([sys.executable, "-m", "airflow", "dags", "list", "--local", "-o", "plain"],
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "embedding_deploy_ramped" in listed.stdout
+    errors = subprocess.run([sys.executable, "-m", "airflow", "dags", "list-import-errors", "--local", "-o", "plain"],
+                            capture_output=True, text=True, timeout=300)
+    assert errors.returncode == 0 and "No data found" in errors.stdout, errors.stdout
+    refused = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", "embedding_deploy_ramped",
+                              "-c", json.dumps({"new_version": "version-two"})],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "new_version" in refused.stdout + refused.stderr
