@@ -56,14 +56,16 @@ def main(ctx, log_level):
 @main.command()
 @VERSION
 @click.option("--until", default=None, help="Train on documents dated before this day (YYYY-MM-DD); default: all.")
+@click.option("--since", default=None, help="Train on documents dated on or after this day (YYYY-MM-DD).")
 @click.option("--dims", default=64, show_default=True, type=click.IntRange(8, 1024), help="Embedding size.")
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(1, 100))
 @click.pass_obj
-def train(settings: Settings, version, until, dims, epochs):
+def train(settings: Settings, version, until, since, dims, epochs):
     """Train a version, export it as a SavedModel into the model repository, evaluate recall@10."""
     from .model.trainer import TrainConfig
     from .model.training import train_version
-    result = train_version(settings.model_dir, parse_version(version), TrainConfig(dims=dims, epochs=epochs), until)
+    result = train_version(settings.model_dir, parse_version(version), TrainConfig(dims=dims, epochs=epochs),
+                           until or None, since or None)
     _print(result)
 
 

@@ -42,6 +42,11 @@ class Settings:
         return Path(_env("ER_STATE", str(self.home / "state.json")))
 
     @property
+    def decisions_path(self) -> Path:
+        """A/B rollout decisions received by the app (JSON lines)."""
+        return Path(_env("ER_DECISIONS", str(self.home / "decisions.jsonl")))
+
+    @property
     def lance_uri(self) -> str:
         return _env("ER_LANCE_URI", str(self.home / "lancedb"))
 

@@ -10,6 +10,7 @@ import connexion
 import uvicorn
 
 from embedding_rollout.config import Settings
+from embedding_rollout.domain.decisions import DecisionLog
 from embedding_rollout.domain.state import StateFile
 from embedding_rollout.service import EmbeddingService
 from embedding_rollout.store import open_store
@@ -21,17 +22,20 @@ from .metrics import AppMetrics
 class AppContext:
     service: EmbeddingService
     metrics: AppMetrics
+    decisions: DecisionLog
 
 
-def create_app(settings: Settings | None = None, service: EmbeddingService | None = None) -> connexion.FlaskApp:
+def create_app(settings: Settings | None = None, service: EmbeddingService | None = None,
+               decisions: DecisionLog | None = None) -> connexion.FlaskApp:
     """Build the app; ``service`` replaces the one the settings describe (tests, embedding)."""
     settings = settings or Settings()
+    decisions = decisions or DecisionLog(settings.decisions_path)
     if service is None:
         service = EmbeddingService(StateFile(settings.state_path), open_store(settings),
                                    protocol=settings.generator_protocol, timeout=settings.generator_timeout)
     app = connexion.FlaskApp(__name__, specification_dir=str(Path(__file__).parent))
     app.add_api("openapi.yaml", strict_validation=True, validate_responses=False)
-    app.app.extensions["embedding_rollout"] = AppContext(service, AppMetrics())
+    app.app.extensions["embedding_rollout"] = AppContext(service, AppMetrics(), decisions)
     return app
 
 

@@ -18,3 +18,5 @@ class AppMetrics:
         self.fallbacks = Counter("embedding_app_fallbacks", "Requests served by the stable version after the "
                                  "assigned version's generator failed", ["from_version", "to_version"],
                                  registry=self.registry)
+        self.feedback = Counter("embedding_app_feedback", "Result feedback (clicked or not), by model version",
+                                ["model_version", "clicked"], registry=self.registry)

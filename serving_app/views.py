@@ -4,9 +4,12 @@ from __future__ import annotations
 import time
 from functools import wraps
 
+from dataclasses import asdict
+
 from flask import Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from embedding_rollout.domain.decisions import InvalidDecision
 from embedding_rollout.domain.state import StateError
 from embedding_rollout.generator.client import VERSION_HEADER, GeneratorError, GeneratorUnavailable
 from embedding_rollout.store.base import Filters, IndexNotFound, InvalidFilter, StoreUnavailable
@@ -86,6 +89,27 @@ def put_document(labels: dict, doc_id: str, body: dict):
 def delete_document(labels: dict, doc_id: str, version: int | None = None):
     result = _ctx().service.delete_document(doc_id, version)
     return _write_payload(result), 200, JSON
+
+
+def feedback(body: dict):
+    ctx = _ctx()
+    version = body["model_version"]
+    if version not in ctx.service.state().versions:
+        return problem(400, "Bad Request", f"model version {version} is not deployed")
+    ctx.metrics.feedback.labels(model_version=version, clicked=str(body["clicked"]).lower()).inc()
+    return None, 204
+
+
+def list_decisions(new_version: str | None = None):
+    return [asdict(d) for d in _ctx().decisions.read(new_version)], 200
+
+
+def post_decision(body: dict):
+    try:
+        decision = _ctx().decisions.append(body["new_version"], body["action"], body.get("weight"), body.get("by", ""))
+    except InvalidDecision as exc:
+        return problem(400, "Bad Request", str(exc))
+    return asdict(decision), 201, JSON
 
 
 def deployment():

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from conftest import elasticsearch_store, spec_for
+from embedding_rollout.domain.decisions import DecisionLog
 from embedding_rollout.domain.state import StateFile, VersionSpec
 from embedding_rollout.pipeline.indexing import corpus_source, load_index
 from embedding_rollout.service import EmbeddingService
@@ -36,7 +37,8 @@ def deployment(request, model_server, embedders, tmp_path_factory):
         load_index(islice(corpus_source(), CORPUS_SLICE), store, spec.index, embedders[version].embed)
         state.update(lambda s, spec=spec: s.with_version(spec).with_write_target(spec.name))
     state.update(lambda s: s.with_weights({"v1": 50, "v2": 50}))
-    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
+    decisions = DecisionLog(home / "decisions.jsonl")
+    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0), decisions=decisions)).start()
     yield server.url, state, store, prefix
     server.stop()
     for version in ("v1", "v2"):
@@ -238,3 +240,19 @@ def test_a_down_store_gives_503(model_server, tmp_path):
         assert time.monotonic() - started < 5.0
     finally:
         server.stop()
+
+
+def test_decisions_and_feedback_endpoints(deployment):
+    url, *_ = deployment
+    made = requests.post(f"{url}/rollout/decisions", json={"new_version": "v2", "action": "set_weights",
+                                                            "weight": 30, "by": "alice"})
+    assert made.status_code == 201 and made.json()["weight"] == 30
+    assert requests.post(f"{url}/rollout/decisions", json={"new_version": "v2", "action": "launch"}).status_code == 400
+    missing = requests.post(f"{url}/rollout/decisions", json={"new_version": "v2", "action": "set_weights"})
+    assert missing.status_code == 400 and "weight" in missing.json()["detail"]
+    listed = requests.get(f"{url}/rollout/decisions", params={"new_version": "v2"}).json()
+    assert [d["id"] for d in listed] == [made.json()["id"]]
+    assert requests.post(f"{url}/feedback", json={"model_version": "v2", "clicked": True}).status_code == 204
+    unknown = requests.post(f"{url}/feedback", json={"model_version": "v9", "clicked": False})
+    assert unknown.status_code == 400 and "v9" in unknown.json()["detail"]
+    assert 'embedding_app_feedback_total{clicked="true",model_version="v2"}' in requests.get(f"{url}/metrics").text

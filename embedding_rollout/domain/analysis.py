@@ -106,3 +106,48 @@ def judge(metrics: dict[str, VersionMetrics], new: str, stable: str, limits: Thr
             return report(FAILED, f"{new} p99 {new_p99 * 1000:.0f} ms > {limits.max_p99_ratio} x "
                                   f"{stable} p99 {stable_p99 * 1000:.0f} ms")
     return report(SUCCESSFUL, f"{new}: error rate {candidate.error_rate:.1%}, p99 within limits")
+
+
+def click_through(text: str) -> dict[str, tuple[float, float]]:
+    """(clicks, impressions) per model version from the feedback counter of /metrics."""
+    counts: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "embedding_app_feedback_total":
+                entry = counts[sample.labels["model_version"]]
+                entry[1] += sample.value
+                if sample.labels.get("clicked") == "true":
+                    entry[0] += sample.value
+    return {v: (c[0], c[1]) for v, c in counts.items()}
+
+
+def two_proportion_p_value(clicks_a: float, n_a: float, clicks_b: float, n_b: float) -> float:
+    """One-sided p-value that A's rate is lower than B's (pooled two-proportion z-test)."""
+    if n_a == 0 or n_b == 0:
+        return 1.0
+    pooled = (clicks_a + clicks_b) / (n_a + n_b)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    if spread == 0:
+        return 1.0 if clicks_a / n_a >= clicks_b / n_b else 0.0
+    z = (clicks_a / n_a - clicks_b / n_b) / spread
+    return 0.5 * math.erfc(-z / math.sqrt(2))  # P(Z <= z)
+
+
+def automatic_decision(metrics: dict[str, VersionMetrics], ctr: dict[str, tuple[float, float]], new: str,
+                       stable: str, limits: Thresholds, min_feedback: int = 50, alpha: float = 0.05) -> tuple[str | None, str]:
+    """``promote``, ``rollback`` or None (keep waiting), with the reason.
+
+    Rollback when the online analysis fails or the new version's click-through is significantly
+    lower than the stable one's; promote once both have enough feedback and it is not.
+    """
+    verdict = judge(metrics, new, stable, limits)
+    if verdict.status == FAILED:
+        return "rollback", verdict.reason
+    (new_clicks, new_n), (old_clicks, old_n) = ctr.get(new, (0.0, 0.0)), ctr.get(stable, (0.0, 0.0))
+    if verdict.status == INCONCLUSIVE or min(new_n, old_n) < min_feedback:
+        return None, f"waiting for traffic: {verdict.reason}; feedback {new}={new_n:.0f}, {stable}={old_n:.0f}"
+    p_worse = two_proportion_p_value(new_clicks, new_n, old_clicks, old_n)
+    rates = f"CTR {new} {new_clicks / new_n:.1%} vs {stable} {old_clicks / old_n:.1%}, p={p_worse:.3f}"
+    if p_worse < alpha:
+        return "rollback", f"{new} is significantly worse: {rates}"
+    return "promote", f"{new} is not worse: {rates}; {verdict.reason}"

@@ -39,16 +39,18 @@ def saved_model_embedder(version_dir: Path):
     return lambda texts: signature(**{INPUT_KEY: tf.constant(texts)})[OUTPUT_KEY].numpy()
 
 
-def train_version(model_dir: Path, number: int, cfg: TrainConfig, until: str | None = None) -> dict:
-    """Train on documents dated before ``until`` (all when None), export as ``<model_dir>/<number>``."""
+def train_version(model_dir: Path, number: int, cfg: TrainConfig, until: str | None = None,
+                  since: str | None = None) -> dict:
+    """Train on documents dated in [``since``, ``until``) (open ends when None), export as
+    ``<model_dir>/<number>``."""
     started = time.time()
     corpus = list(load_documents())
-    window = [d for d in corpus if until is None or d.date < until]
+    window = [d for d in corpus if (until is None or d.date < until) and (since is None or d.date >= since)]
     if len(window) < cfg.batch_size:
-        raise ValueError(f"only {len(window)} documents before {until}: too few to train on")
+        raise ValueError(f"only {len(window)} documents between {since} and {until}: too few to train on")
     log.info("training version %d on %d documents (until %s), dims %d", number, len(window), until, cfg.dims)
     encoder = train_encoder(training_pairs(window, cfg.seed), cfg)
-    meta = training_metadata(cfg, number, until, len(window), started)
+    meta = {**training_metadata(cfg, number, until, len(window), started), "trained_since": since}
     version_dir = export_saved_model(encoder, model_dir, number, meta)
     evaluation = evaluate(saved_model_embedder(version_dir), corpus, load_queries())
     write_evaluation(version_dir, {**evaluation, "trained_until": until})

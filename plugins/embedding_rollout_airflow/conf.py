@@ -53,6 +53,21 @@ def ramped_params() -> dict[str, Param]:
     }
 
 
+def ab_params() -> dict[str, Param]:
+    return {
+        **rollout_params(),
+        "initial_weight": Param(10, type="integer", minimum=1, maximum=99, title="Initial split (%)",
+                                description="The new version's share while the experiment runs."),
+        "decision_source": Param("messages", type="string", enum=["messages", "ui", "auto"], title="Decisions from",
+                                 description="messages: POST /rollout/decisions on the app; ui: a person in the "
+                                             "Airflow UI; auto: online metrics and click-through, significance-tested."),
+        "decision_timeout_seconds": Param(3600, type="integer", minimum=1, maximum=30 * 86400,
+                                          title="Decision timeout (s)",
+                                          description="No decision by then: rollback."),
+        "min_feedback": Param(50, type="integer", minimum=1, title="Minimum feedback per version (auto)"),
+    }
+
+
 def resolve_conf(params: dict, settings: Settings | None = None) -> dict:
     """Check the conf against the deployment; return it with the current version and plan resolved."""
     settings = settings or Settings()

@@ -1,0 +1,65 @@
+"""embedding_deploy_ab through Airflow with live traffic: scripted promote, scripted rollback."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+
+from embedding_rollout.store import open_store
+from rollout_harness import LocalDeployment, check_version_consistency, traffic
+
+
+@pytest.fixture
+def deployment(tmp_path, model_repo, monkeypatch):
+    deployment = LocalDeployment(tmp_path / "home", model_repo, monkeypatch)
+    yield deployment
+    deployment.stop()
+
+
+def decide_when(deployment, script: dict[int, dict]):
+    """Send a decision (POST /rollout/decisions) each time v2 reaches a weight in ``script``."""
+    sent = set()
+
+    def on_weights(weights):
+        weight = weights.get("v2")
+        if weight in script and weight not in sent:
+            sent.add(weight)
+            threading.Thread(target=requests.post, args=(f"{deployment.app.url}/rollout/decisions",),
+                             kwargs={"json": {"new_version": "v2", "by": "test", **script[weight]}}).start()
+    return on_weights
+
+
+def test_ab_rollout_with_scripted_weight_change_and_promote(dagbag, deployment):
+    from airflow.utils.state import DagRunState
+    script = {10: {"action": "set_weights", "weight": 40}, 40: {"action": "promote"}}
+    conf = {"new_version": "v2", "initial_weight": 10, "decision_source": "messages", "decision_timeout_seconds": 300}
+    with traffic(deployment, on_weights=decide_when(deployment, script)) as record:
+        run = dagbag.get_dag("embedding_deploy_ab").test(run_conf=conf)
+    assert run.state == DagRunState.SUCCESS
+    assert record.failures == []
+    assert [w.get("v2") for w in record.weights_seen if "v2" in w][:3] == [10, 40, 100]
+    state = deployment.state.read()
+    assert state.weights == {"v2": 100} and list(state.versions) == ["v2"] and state.stable == "v2"
+    assert "docs-v1" not in open_store(deployment.settings).indices()
+    assert check_version_consistency(deployment, record) > 5
+
+
+def test_ab_rollback_leaves_v1_serving_with_its_index_unchanged(dagbag, deployment):
+    from airflow.utils.state import DagRunState
+    store = open_store(deployment.settings)
+    v1_before = {d.id: d.seq for d in store.scan("docs-v1")}
+    conf = {"new_version": "v2", "initial_weight": 20, "decision_source": "messages", "decision_timeout_seconds": 300}
+    with traffic(deployment, on_weights=decide_when(deployment, {20: {"action": "rollback"}})) as record:
+        run = dagbag.get_dag("embedding_deploy_ab").test(run_conf=conf)
+    assert run.state == DagRunState.SUCCESS  # a decided rollback is a successful run of the experiment
+    assert record.failures == []
+    assert {r["version"] for r in record.responses} == {"v1", "v2"}
+    state = deployment.state.read()
+    assert state.weights == {"v1": 100} and list(state.versions) == ["v1"] and state.write_targets == ("v1",)
+    assert "docs-v2" not in store.indices() and deployment.model_server.manager.status(2).state == "END"
+    v1_after = {d.id: d.seq for d in store.scan("docs-v1")}
+    touched = set(record.written) | set(record.deleted)
+    assert {k: v for k, v in v1_after.items() if k not in touched} == {
+        k: v for k, v in v1_before.items() if k not in touched}
+    assert all(v1_after[d] == seq for d, seq in record.written.items())
