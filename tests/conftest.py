@@ -116,8 +116,10 @@ def airflow_db():
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def dagbag(airflow_db):
+    """Freshly parsed DAGs for each test: ``dag.test(run_conf=...)`` leaves the conf in the DAG
+    object's params, so a DAG object must not be shared between runs."""
     from airflow.dag_processing.dagbag import DagBag
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}

@@ -52,7 +52,7 @@ def test_no_current_version_at_all(tmp_path, monkeypatch):
         resolve_conf(BASE, Settings())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ramped(dagbag):
     return dagbag.get_dag("embedding_deploy_ramped")
 

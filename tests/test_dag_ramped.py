@@ -6,6 +6,12 @@ import pytest
 from rollout_harness import LocalDeployment, check_version_consistency, traffic
 
 
+def rises(weights_seen: list[dict]) -> list[int]:
+    """The successive distinct weights of v2 that the traffic observed."""
+    seen = [w["v2"] for w in weights_seen if "v2" in w]
+    return [w for i, w in enumerate(seen) if i == 0 or w != seen[i - 1]]
+
+
 @pytest.fixture
 def deployment(tmp_path, model_repo, monkeypatch):
     deployment = LocalDeployment(tmp_path / "home", model_repo, monkeypatch)
@@ -29,8 +35,7 @@ def test_ramped_rollout_with_live_traffic(dagbag, deployment):
     assert record.failures == []
     assert len(record.responses) > 50
     # The weights rose in the configured steps.
-    new_weights = [w["v2"] for w in record.weights_seen if "v2" in w]
-    assert [w for i, w in enumerate(new_weights) if i == 0 or w != new_weights[i - 1]] == [0, 25, 50, 75, 100]
+    assert rises(record.weights_seen) == [0, 25, 50, 75, 100]
     served = {r["version"] for r in record.responses}
     assert served == {"v1", "v2"}
     assert deployment.model_server.manager.status(1).state == "END"  # the old generator is unloaded
@@ -77,3 +82,19 @@ def test_a_failing_new_version_fails_the_analysis_and_rolls_back(dagbag, deploym
     assert {k: v for k, v in v1_after.items() if k not in touched} == {
         k: v for k, v in v1_before.items() if k not in touched}
     assert all(v1_after[d] == seq for d, seq in record.written.items())
+
+
+def test_airflow_dags_test_from_the_cli_rolls_out(dagbag, deployment):
+    """The same rollout through `airflow dags test` in another process, with live traffic."""
+    import json
+    import subprocess
+    import sys
+    conf = {"new_version": "v2", "weights": [50, 100], "step_interval_seconds": 1, "min_requests": 1}
+    with traffic(deployment) as record:
+        result = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", "embedding_deploy_ramped",
+                                 "-c", json.dumps(conf)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert record.failures == []
+    assert rises(record.weights_seen) == [0, 50, 100]
+    state = deployment.state.read()
+    assert state.weights == {"v2": 100} and list(state.versions) == ["v2"]

@@ -180,3 +180,18 @@ def test_tombstones_outlive_elasticsearch_gc_deletes(es_index):
     store.client.indices.flush(index=index)
     assert store.upsert(index, doc(1, seq=4)) is False
     assert store.get_many(index, ["d1"])["d1"].deleted
+
+
+def test_lance_compacts_streaming_writes_in_the_background(tmp_path):
+    from embedding_rollout.store.lance import LanceStore
+    store = LanceStore(str(tmp_path / "lance"))
+    store.COMPACT_EVERY = 20
+    store.create_index("docs", DIMS, {"model_version": "v1"})
+    for i in range(60):
+        store.upsert("docs", doc(i, seq=1))
+    deadline = time.monotonic() + 20
+    while store._compacting.locked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fragments = store._table("docs").stats()["fragment_stats"]["num_fragments"]
+    assert fragments < 30  # one fragment per write without compaction (60)
+    assert store.count("docs") == 60 and store.get_many("docs", ["d59"])["d59"].seq == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 
 import lancedb
@@ -49,12 +50,16 @@ def filter_sql(filters: Filters) -> str:
 
 
 class LanceStore:
+    COMPACT_EVERY = 500  # streaming writes between background compactions of a table
+
     def __init__(self, uri: str, consistency_seconds: float = 0.2):
         # Re-check the table's latest version at most this often: other processes' writes
         # become visible to this one well within a second.
         self.uri = uri
         self.db = lancedb.connect(uri, read_consistency_interval=dt.timedelta(seconds=consistency_seconds))
         self._tables: dict[str, object] = {}
+        self._writes: dict[str, int] = {}
+        self._compacting = threading.Lock()
 
     # -- indices -------------------------------------------------------------------------------
     def _table(self, index: str):
@@ -116,7 +121,23 @@ class LanceStore:
 
     def upsert(self, index: str, doc: StoredDocument) -> bool:
         result = self._merge(index, [doc])
+        self._count_write(index)
         return result.num_inserted_rows + result.num_updated_rows > 0
+
+    def _count_write(self, index: str) -> None:
+        """Every write adds a small fragment and a table version; fold them now and then, off the
+        request path, so searches don't slow down as streaming updates pile up."""
+        self._writes[index] = self._writes.get(index, 0) + 1
+        if self._writes[index] % self.COMPACT_EVERY == 0 and self._compacting.acquire(blocking=False):
+            threading.Thread(target=self._compact, args=(index,), daemon=True, name="lance-compact").start()
+
+    def _compact(self, index: str) -> None:
+        try:
+            self._table(index).optimize(cleanup_older_than=dt.timedelta(minutes=1))
+        except Exception as exc:  # compaction is an optimisation: log, never fail a write for it
+            log.warning("compacting %s failed: %s", index, exc)
+        finally:
+            self._compacting.release()
 
     def delete(self, index: str, doc_id: str, seq: int) -> bool:
         return self.upsert(index, StoredDocument(doc_id, seq, deleted=True))

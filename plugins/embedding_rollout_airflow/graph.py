@@ -7,7 +7,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from .conf import InvalidConf, resolve_conf
 from .operators.steps import step
 from .sensors.backfill import BackfillCompleteSensor
-from .tasks import guarded_rollback, rollback_window
+from .tasks import guarded_rollback, promoted_at, rollback_window
 
 CONF = "ti.xcom_pull(task_ids='validate_conf')"
 NEW = "{{ params.new_version }}"
@@ -47,10 +47,10 @@ def prepare_new_version():
 def promote_and_remove_old(conf):
     """Promote the new version, keep the old one for the rollback window, then remove it (step 5)."""
     promote = step("promote", ["promote", "--version", NEW], doc_md="The new version becomes the stable one.")
-    window = rollback_window(conf)
+    since = promoted_at()
     remove_old = step("remove_old_version", ["remove", "--version", CURRENT],
                       doc_md="Step 5: routes first, then generator, write target and index of the old version.")
-    promote >> window >> remove_old
+    promote >> since >> rollback_window(conf, since) >> remove_old
     return promote
 
 

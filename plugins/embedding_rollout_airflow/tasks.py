@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from airflow.sdk import task
+from airflow.sdk import PokeReturnValue, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from .operators.istio import router_hook
@@ -26,6 +26,12 @@ def guarded_rollback(ti=None) -> dict:
     return weights
 
 
-@task(doc_md="Keep the old version for the rollback window before removing it.")
-def rollback_window(conf: dict) -> None:
-    time.sleep(int(conf.get("rollback_window_seconds") or 0))
+@task(doc_md="When the new version became the stable one.")
+def promoted_at() -> float:
+    return time.time()
+
+
+@task.sensor(mode="reschedule", poke_interval=30, timeout=8 * 86400,
+             doc_md="Keep the old version for the rollback window (holding no worker slot) before removing it.")
+def rollback_window(conf: dict, since: float) -> PokeReturnValue:
+    return PokeReturnValue(is_done=time.time() >= since + int(conf.get("rollback_window_seconds") or 0))

@@ -1,0 +1,62 @@
+"""In the kubernetes runtime the same graphs run their steps as KubernetesPodOperator pods; the
+pod specs they render validate against the Kubernetes schemas."""
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+from kubernetes.client import ApiClient
+
+from conftest import REPO
+
+K8S_VERSION = "1.31"
+
+
+@pytest.fixture
+def kubernetes_dags(airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    monkeypatch.setenv("ER_AIRFLOW_RUNTIME", "kubernetes")
+    monkeypatch.setenv("ER_IMAGE", "registry.example.com/embedding-rollout:0.1.0")
+    monkeypatch.setenv("ER_STORE", "elasticsearch")
+    monkeypatch.setenv("ER_ES_URL", "http://elasticsearch.embeddings.svc:9200")
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag
+
+
+@pytest.fixture
+def local_dags(airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    monkeypatch.setenv("ER_AIRFLOW_RUNTIME", "local")
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+def test_kubernetes_runtime_renders_valid_pod_specs(kubernetes_dags):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    pods = 0
+    for dag_id in kubernetes_dags.dag_ids:
+        for task in kubernetes_dags.get_dag(dag_id).tasks:
+            if not isinstance(task, KubernetesPodOperator):
+                continue
+            pod = ApiClient().sanitize_for_serialization(task.build_pod_request_obj(dry_run=True))
+            kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+            container = pod["spec"]["containers"][0]
+            assert container["image"] == "registry.example.com/embedding-rollout:0.1.0"
+            assert container["command"] == ["embedding-rollout"] and container["args"]
+            assert {"name": "ER_STORE", "value": "elasticsearch"} in container["env"]
+            assert pod["spec"]["serviceAccountName"] == "rollout-steps"
+            assert task.reattach_on_restart and task.on_finish_action.value == "delete_succeeded_pod"
+            pods += 1
+    assert pods >= 10
+
+
+def test_a_broken_pod_spec_would_be_caught():
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                                      "spec": {"containers": [{"name": "c", "image": 3}]}}, K8S_VERSION, strict=True)
+
+
+def test_the_graph_is_the_same_in_both_runtimes(kubernetes_dags, local_dags):
+    for dag_id in local_dags.dag_ids:
+        local, kube = local_dags.get_dag(dag_id), kubernetes_dags.get_dag(dag_id)
+        edges = lambda dag: {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}  # noqa: E731
+        assert edges(local) == edges(kube) and set(local.task_ids) == set(kube.task_ids)
