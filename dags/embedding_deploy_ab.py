@@ -6,6 +6,7 @@ from datetime import timedelta
 import pendulum
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
 from airflow.sdk import dag, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from embedding_rollout_airflow.conf import ab_params
 from embedding_rollout_airflow.graph import (CONF, CURRENT, NEW, THRESHOLDS, prepare_new_version,
@@ -71,12 +72,15 @@ def embedding_deploy_ab():
         options_mapping={"Promote": "promote_to_all", "Rollback": "rollback_traffic"},
         doc_md="A person decides in the Airflow UI; no answer in 24 h: Rollback.")
 
-    @task.branch(trigger_rule="none_failed_min_one_success", doc_md="Promote or rollback (the default).")
-    def decide(ti=None) -> str:
+    @task.branch(trigger_rule="all_done", doc_md="Promote or rollback: rollback unless the decision is promote "
+                                                  "(a timeout or a failed wait takes rollback).")
+    def decide(conf: dict, ti=None) -> str:
+        if conf["decision_source"] == "ui":
+            raise AirflowSkipException("a person decides in ask_a_person")
         decision = ti.xcom_pull(task_ids="await_decision")
         return "promote_to_all" if decision == "promote" else "rollback_traffic"
 
-    decided = decide()
+    decided = decide(conf)
     promote_to_all = IstioWeightOperator(task_id="promote_to_all", weights='{"%s": 100, "%s": 0}' % (NEW, CURRENT),
                                          trigger_rule="none_failed_min_one_success",
                                          doc_md="All traffic to the new version.")

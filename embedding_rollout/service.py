@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .domain.state import DeploymentState, StateFile, VersionSpec
 from .generator.client import GeneratorError, GeneratorTarget, generator_client
@@ -25,6 +25,7 @@ class SearchResult:
     model_version: str
     hits: list[Hit]
     fallback_from: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent in the generator and the store
 
 
 @dataclass(frozen=True)
@@ -67,17 +68,22 @@ class EmbeddingService:
     def search(self, version: str, query: str, k: int, filters: Filters, allow_fallback: bool = True) -> SearchResult:
         state = self.state()
         try:
-            return SearchResult(version, self._search(state.spec(version), query, k, filters))
+            hits, timings = self._search(state.spec(version), query, k, filters)
+            return SearchResult(version, hits, timings=timings)
         except GeneratorError:
             stable = state.stable
             if not allow_fallback or stable is None or stable == version or not state.is_live(stable):
                 raise
             log.warning("generator %s failed; serving the request wholly from stable %s", version, stable)
-            return SearchResult(stable, self._search(state.spec(stable), query, k, filters), fallback_from=version)
+            hits, timings = self._search(state.spec(stable), query, k, filters)
+            return SearchResult(stable, hits, fallback_from=version, timings=timings)
 
-    def _search(self, spec: VersionSpec, query: str, k: int, filters: Filters) -> list[Hit]:
+    def _search(self, spec: VersionSpec, query: str, k: int, filters: Filters) -> tuple[list[Hit], dict]:
+        started = time.perf_counter()
         vector = self.generator(spec).embed([query])[0]
-        return self.store.search(spec.index, vector, k, filters)
+        embedded = time.perf_counter()
+        hits = self.store.search(spec.index, vector, k, filters)
+        return hits, {"generator": embedded - started, "store": time.perf_counter() - embedded}
 
     # -- writes --------------------------------------------------------------------------------
     def put_document(self, doc_id: str, fields: dict, seq: int | None = None) -> WriteResult:

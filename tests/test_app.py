@@ -57,6 +57,8 @@ def test_search_uses_one_version_end_to_end_with_filters(deployment, embedders, 
     assert reply.status_code == 200, reply.text
     payload = reply.json()
     assert payload["model_version"] == version == reply.headers["x-model-version"]
+    timing = dict(part.split(";dur=") for part in reply.headers["Server-Timing"].split(", "))
+    assert set(timing) == {"generator", "store"} and all(float(v) > 0 for v in timing.values())
     results = payload["results"]
     assert len(results) == 7
     assert all(r["fields"]["category"] == "Library" and r["fields"]["date"] >= "2019-01-01" for r in results)

@@ -63,3 +63,16 @@ def test_ab_rollback_leaves_v1_serving_with_its_index_unchanged(dagbag, deployme
     assert {k: v for k, v in v1_after.items() if k not in touched} == {
         k: v for k, v in v1_before.items() if k not in touched}
     assert all(v1_after[d] == seq for d, seq in record.written.items())
+
+
+def test_ab_without_a_decision_times_out_into_rollback(dagbag, deployment):
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    conf = {"new_version": "v2", "initial_weight": 30, "decision_source": "messages", "decision_timeout_seconds": 4}
+    with traffic(deployment) as record:
+        run = dagbag.get_dag("embedding_deploy_ab").test(run_conf=conf)
+    assert run.state == DagRunState.SUCCESS and record.failures == []
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["await_decision"] == TaskInstanceState.SKIPPED
+    assert states["rollback_traffic"] == TaskInstanceState.SUCCESS and states["promote"] == TaskInstanceState.SKIPPED
+    state = deployment.state.read()
+    assert state.weights == {"v1": 100} and list(state.versions) == ["v1"]

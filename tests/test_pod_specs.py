@@ -44,6 +44,8 @@ def test_kubernetes_runtime_renders_valid_pod_specs(kubernetes_dags):
             assert container["command"] == ["embedding-rollout"] and container["args"]
             assert {"name": "ER_STORE", "value": "elasticsearch"} in container["env"]
             assert pod["spec"]["serviceAccountName"] == "rollout-steps"
+            mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+            assert mounts == {"rollout-home": "/var/lib/embedding-rollout", "embedding-models": "/models"}
             assert task.reattach_on_restart and task.on_finish_action.value == "delete_succeeded_pod"
             pods += 1
     assert pods >= 10

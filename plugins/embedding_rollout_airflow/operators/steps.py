@@ -35,6 +35,10 @@ class LocalStepOperator(BaseOperator):
             raise AirflowException(f"`embedding-rollout {' '.join(map(str, self.arguments))}` exited {proc.returncode}")
 
 
+# The claims k8s/base/foundation defines: deployment state and checkpoints, and the model repository.
+STEP_VOLUMES = {"rollout-home": "/var/lib/embedding-rollout", "embedding-models": "/models"}
+
+
 def pod_operator(task_id: str, arguments: list[str], runtime: Runtime, **kwargs):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
@@ -48,6 +52,9 @@ def pod_operator(task_id: str, arguments: list[str], runtime: Runtime, **kwargs)
         arguments=arguments,
         env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(runtime.step_env.items())],
         service_account_name=runtime.service_account,
+        volumes=[k8s.V1Volume(name=claim, persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=claim))
+                 for claim in STEP_VOLUMES],
+        volume_mounts=[k8s.V1VolumeMount(name=claim, mount_path=path) for claim, path in STEP_VOLUMES.items()],
         labels={"app.kubernetes.io/name": "embedding-rollout", "app.kubernetes.io/component": "rollout-step"},
         container_resources=k8s.V1ResourceRequirements(requests={"cpu": "500m", "memory": "1Gi"},
                                                        limits={"memory": "4Gi"}),

@@ -1,0 +1,52 @@
+"""The `embedding-rollout` command: --help everywhere, and bad input refused with a message."""
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from embedding_rollout.cli import main
+
+
+def all_commands(group: click.Group, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", list(all_commands(main)), ids=" ".join)
+def test_every_command_has_help(path):
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 3
+
+
+def test_the_expected_commands_exist():
+    names = {" ".join(p) for p in all_commands(main)}
+    assert {"train", "serve", "app", "up", "demo", "deploy", "dual-write", "index load", "index verify",
+            "state set-weights", "promote", "remove", "generator load"} <= names
+
+
+@pytest.mark.parametrize("args,message", [
+    (["deploy", "--version", "2"], "invalid model version"),
+    (["train", "--version", "v0"], "invalid model version"),
+    (["train", "--version", "v2", "--dims", "3"], "3 is not in the range"),
+])
+def test_bad_arguments_are_refused(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_set_weights_refuses_bad_weights_and_changes_nothing(tmp_path, monkeypatch):
+    from embedding_rollout.domain.state import StateFile, VersionSpec
+    monkeypatch.setenv("ER_HOME", str(tmp_path))
+    state = StateFile(tmp_path / "state.json")
+    state.update(lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_weights({"v1": 100}))
+    before = state.path.read_bytes()
+    for weights in (["v1=90", "v2=20"], ["v1=ninety"], ["v1=100", "v7=0"]):
+        result = CliRunner().invoke(main, ["state", "set-weights", *weights])
+        assert result.exit_code == 1 and "invalid weights" in result.output, result.output
+    assert state.path.read_bytes() == before
+    ok = CliRunner().invoke(main, ["state", "set-weights", "v1=100"])
+    assert ok.exit_code == 0
