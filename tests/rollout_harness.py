@@ -50,3 +50,11 @@ def check_version_consistency(deployment: LocalDeployment, record: TrafficRecord
     checked, mismatches = verify_consistency(record, deployment.settings.model_dir)
     assert mismatches == []
     return checked
+
+
+def assert_changed_only_by_streaming(store, index: str, before: dict[str, int], record: TrafficRecord) -> None:
+    """The index holds what it held before, except the documents the live traffic wrote or deleted."""
+    after = {d.id: d.seq for d in store.scan(index)}
+    touched = set(record.written) | set(record.deleted)
+    assert {k: v for k, v in after.items() if k not in touched} == {k: v for k, v in before.items() if k not in touched}
+    assert all(after[d] == seq for d, seq in record.written.items())

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from embedding_rollout.store import open_store
-from rollout_harness import LocalDeployment, check_version_consistency, traffic
+from rollout_harness import LocalDeployment, assert_changed_only_by_streaming, check_version_consistency, traffic
 
 
 @pytest.fixture
@@ -58,11 +58,7 @@ def test_ab_rollback_leaves_v1_serving_with_its_index_unchanged(dagbag, deployme
     state = deployment.state.read()
     assert state.weights == {"v1": 100} and list(state.versions) == ["v1"] and state.write_targets == ("v1",)
     assert "docs-v2" not in store.indices() and deployment.model_server.manager.status(2).state == "END"
-    v1_after = {d.id: d.seq for d in store.scan("docs-v1")}
-    touched = set(record.written) | set(record.deleted)
-    assert {k: v for k, v in v1_after.items() if k not in touched} == {
-        k: v for k, v in v1_before.items() if k not in touched}
-    assert all(v1_after[d] == seq for d, seq in record.written.items())
+    assert_changed_only_by_streaming(store, "docs-v1", v1_before, record)
 
 
 def test_ab_without_a_decision_times_out_into_rollback(dagbag, deployment):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from rollout_harness import LocalDeployment, check_version_consistency, traffic
+from rollout_harness import LocalDeployment, assert_changed_only_by_streaming, check_version_consistency, traffic
 
 
 def rises(weights_seen: list[dict]) -> list[int]:
@@ -77,11 +77,7 @@ def test_a_failing_new_version_fails_the_analysis_and_rolls_back(dagbag, deploym
     assert deployment.model_server.manager.status(2).state == "END"
     assert not any(w.get("v2", 0) > 50 for w in record.weights_seen)  # it never went past the failed step
     # v1's index changed only through the streaming updates of the run.
-    v1_after = {d.id: d.seq for d in store.scan("docs-v1")}
-    touched = set(record.written) | set(record.deleted)
-    assert {k: v for k, v in v1_after.items() if k not in touched} == {
-        k: v for k, v in v1_before.items() if k not in touched}
-    assert all(v1_after[d] == seq for d, seq in record.written.items())
+    assert_changed_only_by_streaming(store, "docs-v1", v1_before, record)
 
 
 def test_airflow_dags_test_from_the_cli_rolls_out(dagbag, deployment):
