@@ -39,6 +39,8 @@ COPY --from=wheel /wheels /tmp/wheels
 RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels
 # The corpus snapshot and evaluation queries (the package finds them through ER_CORPUS/ER_QUERIES).
 COPY data /opt/embedding-rollout/data
+# The per-version generator template the deploy step fills in (ER_GENERATOR_TEMPLATE in the cluster).
+COPY k8s/generator-version-template /opt/embedding-rollout/k8s/generator-version-template
 # First start of a stack (Compose, the k8s bootstrap Job): train/deploy/index v1 when missing.
 COPY --chmod=0755 deploy/bootstrap.sh /usr/local/bin/embedding-rollout-bootstrap
 # A non-root user (uid 10001, group 0 so that any uid with gid 0 works too, as on OpenShift) owning
@@ -49,6 +51,7 @@ RUN useradd --uid 10001 --gid 0 --no-log-init --create-home --home-dir /home/app
  && chmod -R g=u /var/lib/embedding-rollout /models
 ENV ER_HOME=/var/lib/embedding-rollout \
     ER_MODEL_BASE=/models \
+    ER_GENERATOR_TEMPLATE=/opt/embedding-rollout/k8s/generator-version-template \
     ER_CORPUS=/opt/embedding-rollout/data/corpus.jsonl.gz \
     ER_QUERIES=/opt/embedding-rollout/data/queries.jsonl
 USER 10001

@@ -40,7 +40,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from embedding_rollout.domain.decisions import DecisionLog  # noqa: E402
 from embedding_rollout.domain.state import StateFile  # noqa: E402
-from embedding_rollout.generator.client import generator_client  # noqa: E402
 from embedding_rollout.service import EmbeddingService  # noqa: E402
 from serving_app import AppServer, create_app  # noqa: E402
 

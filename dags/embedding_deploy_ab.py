@@ -45,11 +45,10 @@ def embedding_deploy_ab():
     def initial_split(conf: dict) -> dict:
         import time
 
-        import requests
         runtime = Runtime()
         weight = conf["initial_weight"]
         router_hook(runtime).set_weights({conf["new_version"]: weight, conf["current_version"]: 100 - weight})
-        return {"at": time.time(), "metrics": requests.get(f"{runtime.app_url}/metrics", timeout=5).text}
+        return {"at": time.time(), "mark": runtime.metrics_source().mark()}
 
     split = initial_split(conf)
 

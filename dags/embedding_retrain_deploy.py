@@ -7,11 +7,10 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
 
-from embedding_rollout.config import Settings
-from embedding_rollout.domain.state import StateFile
 from embedding_rollout.domain.versions import parse_version, version_label
-from embedding_rollout.generator.models import available_versions
+from embedding_rollout_airflow.hooks.deployment import deployment_hook
 from embedding_rollout_airflow.operators.steps import step
+from embedding_rollout_airflow.runtime import Runtime
 
 DOC = """
 ### Retrain, evaluate, deploy
@@ -38,9 +37,9 @@ NEXT = "{{ ti.xcom_pull(task_ids='next_version') }}"
 def embedding_retrain_deploy():
     @task(doc_md="The next version number: one above every trained or deployed version.")
     def next_version() -> str:
-        settings = Settings()
-        deployed = [parse_version(v) for v in StateFile(settings.state_path).read().versions]
-        return version_label(max(deployed + available_versions(settings.model_dir) + [0]) + 1)
+        deployment = deployment_hook(Runtime())
+        known = [*deployment.state().versions, *(m["version"] for m in deployment.models())]
+        return version_label(max([parse_version(v) for v in known] + [0]) + 1)
 
     train = step("train_new_version", ["train", "--version", NEXT, "--dims", "{{ params.dims }}",
                                        "--epochs", "{{ params.epochs }}", "--since", "{{ params.since or '' }}"],
@@ -48,11 +47,10 @@ def embedding_retrain_deploy():
 
     @task.short_circuit(doc_md="Refuse a model worse than the live one (the trigger is then skipped).")
     def evaluate_against_live(new: str, params=None) -> bool:
-        from embedding_rollout.model.trainer import read_evaluation
-        settings = Settings()
-        stable = StateFile(settings.state_path).read().stable
-        new_eval = read_evaluation(settings.model_dir / str(parse_version(new)))
-        live_eval = read_evaluation(settings.model_dir / str(parse_version(stable))) if stable else None
+        deployment = deployment_hook(Runtime())
+        stable = deployment.state().stable
+        new_eval = deployment.model(new)["evaluation"]
+        live_eval = deployment.model(stable)["evaluation"] if stable else None
         new_recall = new_eval["recall@10"]
         live_recall = live_eval["recall@10"] if live_eval else 0.0
         better = new_recall >= live_recall + params["min_improvement"]

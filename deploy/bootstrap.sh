@@ -40,7 +40,7 @@ sys.exit(0 if json.load(open(sys.argv[1])).get("weights") else 1)' "$STATE"
 
 wait_generator() {
   deadline=$(( $(date +%s) + WAIT_SECONDS ))
-  until embedding-rollout --log-level WARNING generator status 2>/dev/null | grep -q "\"$VERSION\": \"AVAILABLE\""; do
+  until embedding-rollout --log-level WARNING generator status --version "$VERSION" 2>/dev/null | grep -q "\"$VERSION\": \"AVAILABLE\""; do
     if [ "$(date +%s)" -ge "$deadline" ]; then
       say "the generator did not report $VERSION AVAILABLE within ${WAIT_SECONDS}s" >&2
       exit 1

@@ -145,11 +145,16 @@ def generator():
 
 
 @generator.command("status")
+@click.option("--version", "version", default=None, callback=_version,
+              help="Only this version, asked with its x-model-version header (what a mesh routes on).")
 @click.pass_obj
-def generator_status(settings: Settings):
-    """Every version's TF Serving state."""
+def generator_status(settings: Settings, version):
+    """Every version's TF Serving state (or one version's)."""
     from .steps import admin
-    _print({f"v{n}": state for n, state in admin(settings).statuses().items()})
+    if version:
+        _print({version: admin(settings).status(parse_version(version)) or "NOT_FOUND"})
+    else:
+        _print({f"v{n}": state for n, state in admin(settings).statuses().items()})
 
 
 @generator.command("load")

@@ -22,6 +22,11 @@ class Settings:
     generator_protocol: str = field(default_factory=lambda: _env("ER_GENERATOR_PROTOCOL", "grpc"))
     generator_timeout: float = field(default_factory=lambda: float(_env("ER_GENERATOR_TIMEOUT", "2.0")))
     store_timeout: float = field(default_factory=lambda: float(_env("ER_STORE_TIMEOUT", "2.0")))
+    # model-server: one server told what to serve; kubernetes: a TF Serving Deployment per version.
+    generator_backend: str = field(default_factory=lambda: _env("ER_GENERATOR_BACKEND", "model-server"))
+    k8s_namespace: str = field(default_factory=lambda: _env("ER_K8S_NAMESPACE", "embeddings"))
+    generator_template: Path = field(default_factory=lambda: Path(_env("ER_GENERATOR_TEMPLATE", str(
+        Path(__file__).resolve().parent.parent / "k8s" / "generator-version-template"))))
 
     @property
     def serving_model_path(self) -> str | None:

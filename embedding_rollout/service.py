@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .domain.state import DeploymentState, StateFile, VersionSpec
+from .domain.traffic import validate_weights
 from .generator.client import GeneratorError, GeneratorTarget, generator_client
 from .pipeline.indexing import embedding_text
 from .store.base import Filters, Hit, StoredDocument, StoreUnavailable, VectorStore
@@ -53,6 +54,11 @@ class EmbeddingService:
 
     def state(self) -> DeploymentState:
         return self.state_file.read()
+
+    def set_weights(self, weights: dict[str, int]) -> DeploymentState:
+        """The router's split; the versions listed become the live ones."""
+        weights = validate_weights(weights)
+        return self.state_file.update(lambda s: s.with_weights(weights))
 
     def generator(self, spec: VersionSpec):
         """A client per version spec; a changed spec (new address) gets a new client."""

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from .config import Settings
 from .domain.state import DeploymentState, StateFile, VersionSpec
 from .domain.traffic import validate_weights
 from .domain.versions import parse_version
+from .model.repository import read_dims
 from .store import open_store
 
 # The generator and indexing modules import TensorFlow (through the TF Serving protos): imported
@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 def model_dims(settings: Settings, version: str) -> int:
     """The embedding size recorded with the SavedModel at training time."""
-    path = settings.model_dir / str(parse_version(version)) / "assets.extra" / "training.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no trained model for {version}: {path.parent.parent} is missing or incomplete")
-    return int(json.loads(path.read_text())["config"]["dims"])
+    folder = settings.model_dir / str(parse_version(version))
+    try:
+        return read_dims(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no trained model for {version}: {folder} is missing or incomplete") from None
 
 
 def state_file(settings: Settings) -> StateFile:
@@ -45,9 +46,13 @@ def version_spec(settings: Settings, version: str, run_id: str = "") -> VersionS
 
 
 def admin(settings: Settings):
-    from .generator.admin import ModelServerAdmin
-    serving_path = str(Path(settings.serving_model_path or settings.model_dir))
-    return ModelServerAdmin(settings.generator_grpc, settings.model_name, serving_path)
+    from .generator.fleet import model_server_admin
+    return model_server_admin(settings)
+
+
+def generators(settings: Settings):
+    from .generator.fleet import generator_fleet
+    return generator_fleet(settings)
 
 
 def install_artifact(settings: Settings, version: str, artifact: Path) -> Path:
@@ -69,7 +74,7 @@ def deploy_version(settings: Settings, version: str, run_id: str = "", artifact:
     if artifact is not None:
         install_artifact(settings, version, artifact)
     spec = version_spec(settings, version, run_id)
-    admin(settings).load(spec.number)
+    generators(settings).deploy(version)
     created = open_store(settings).create_index(
         spec.index, spec.dims, {"model_version": version, "run_id": run_id, "model_name": spec.model_name})
     log.info("index %s %s (dims %d)", spec.index, "created" if created else "already exists", spec.dims)
@@ -84,13 +89,13 @@ def start_dual_write(settings: Settings, version: str) -> DeploymentState:
     return state_file(settings).update(lambda s: s.with_write_target(version))
 
 
-def _source(settings: Settings, source: str):
+def _source(settings: Settings, source: str, state: DeploymentState | None = None):
     """Documents to index: ``corpus`` (the snapshot) or a version whose index is the source."""
     from .pipeline.indexing import corpus_source
     if source == "corpus":
         return corpus_source, None
     store = open_store(settings)
-    index = state_file(settings).read().spec(source).index
+    index = (state or state_file(settings).read()).spec(source).index
     return (lambda: store.scan(index)), (lambda: store.count(index))
 
 
@@ -114,12 +119,15 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
                       batch_size=batch_size, checkpoint_path=checkpoint, label=f"backfill {version} from {source}")
 
 
-def verify_backfill(settings: Settings, version: str, source: str):
-    """Every source document is in ``version``'s index at its latest version (or newer)."""
+def verify_backfill(settings: Settings, version: str, source: str, state: DeploymentState | None = None):
+    """Every source document is in ``version``'s index at its latest version (or newer).
+
+    ``state`` is the deployment state where the caller cannot read the state file (a cluster's
+    Airflow worker gets it from the app)."""
     from .pipeline.indexing import verify_index
-    documents, _ = _source(settings, source)
-    spec = state_file(settings).read().spec(version)
-    return verify_index(documents(), open_store(settings), spec.index)
+    state = state or state_file(settings).read()
+    documents, _ = _source(settings, source, state)
+    return verify_index(documents(), open_store(settings), state.spec(version).index)
 
 
 def set_weights(settings: Settings, weights: dict[str, int]) -> DeploymentState:
@@ -139,10 +147,7 @@ def remove_version(settings: Settings, version: str) -> DeploymentState:
     spec = state.versions.get(version)
     if spec is not None:
         state = state_file(settings).update(lambda s: s.without_version(version))
-    number = parse_version(version)
-    server = admin(settings)
-    if number in server.served():
-        server.unload(number)
+    generators(settings).remove(version)
     if open_store(settings).drop_index(settings.index_name(version) if spec is None else spec.index):
         log.info("dropped the index of %s", version)
     for checkpoint in (settings.home / "checkpoints").glob(f"{version}-from-*.json"):

@@ -3,6 +3,7 @@
 #   - kustomize, built from its Go module into a cache dir (the tests find it there, or through
 #     $KUSTOMIZE or PATH);
 #   - nginx with the njs module (Debian packages), to run the Compose gateway's configuration.
+#   - prometheus (Debian package), the analysis metrics source the tests run against real apps.
 # Prints where the tools are. Set KUSTOMIZE_VERSION or ER_TOOLS_DIR to change the defaults.
 set -euo pipefail
 
@@ -38,5 +39,20 @@ else
   exit 1
 fi
 
+# Prometheus: the cluster's source of the rollout analysis's metrics; the tests scrape real app
+# servers with it (Debian's package; only the binary is used, its service is not started).
+if command -v prometheus >/dev/null 2>&1; then
+  echo "prometheus already installed"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing prometheus (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+else
+  echo "install-tools: please install prometheus (Debian: apt-get install prometheus)" >&2
+  exit 1
+fi
+
 echo "kustomize: $kustomize"
 echo "nginx: $(command -v nginx || echo /usr/sbin/nginx) (njs: $NJS_MODULE)"
+echo "prometheus: $(command -v prometheus)"

@@ -23,6 +23,7 @@ class AppContext:
     service: EmbeddingService
     metrics: AppMetrics
     decisions: DecisionLog
+    settings: Settings
 
 
 def create_app(settings: Settings | None = None, service: EmbeddingService | None = None,
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None, service: EmbeddingService | Non
                                    protocol=settings.generator_protocol, timeout=settings.generator_timeout)
     app = connexion.FlaskApp(__name__, specification_dir=str(Path(__file__).parent))
     app.add_api("openapi.yaml", strict_validation=True, validate_responses=False)
-    app.app.extensions["embedding_rollout"] = AppContext(service, AppMetrics(), decisions)
+    app.app.extensions["embedding_rollout"] = AppContext(service, AppMetrics(), decisions, settings)
     return app
 
 

@@ -20,3 +20,20 @@ class AppMetrics:
                                  registry=self.registry)
         self.feedback = Counter("embedding_app_feedback", "Result feedback (clicked or not), by model version",
                                 ["model_version", "clicked"], registry=self.registry)
+        self._prepared: set[tuple[str, str | None]] = set()
+
+    def prepare(self, versions, stable: str | None) -> None:
+        """Create a live version's series at 0 before its first request. Prometheus's increase()
+        cannot count the first value of a series born inside its window, so a version whose
+        traffic (or first errors) began within one scrape interval would be under-counted."""
+        for version in versions:
+            if (version, stable) in self._prepared:
+                continue
+            for status in ("200", "503"):
+                self.requests.labels(endpoint="search", model_version=version, status=status)
+            self.latency.labels(endpoint="search", model_version=version)
+            for clicked in ("true", "false"):
+                self.feedback.labels(model_version=version, clicked=clicked)
+            if stable and stable != version:
+                self.fallbacks.labels(from_version=version, to_version=stable)
+            self._prepared.add((version, stable))

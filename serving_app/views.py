@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from functools import wraps
+from pathlib import Path
 
 from dataclasses import asdict
 
@@ -11,6 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from embedding_rollout.domain.decisions import InvalidDecision
 from embedding_rollout.domain.state import StateError
+from embedding_rollout.domain.traffic import InvalidWeights
+from embedding_rollout.domain.versions import parse_version
+from embedding_rollout.model.repository import catalogue, describe
+from embedding_rollout.pipeline.indexing import Checkpoint
+from embedding_rollout.steps import checkpoint_path
 from embedding_rollout.generator.client import VERSION_HEADER, GeneratorError, GeneratorUnavailable
 from embedding_rollout.store.base import Filters, IndexNotFound, InvalidFilter, StoreUnavailable
 
@@ -61,6 +67,7 @@ def observed(endpoint: str):
 def search(labels: dict, body: dict):
     ctx = _ctx()
     state = ctx.service.state()
+    ctx.metrics.prepare(state.live_versions, state.stable)
     user_key = request.headers.get(USER_HEADER) or request.cookies.get(USER_COOKIE)
     version = state.assign(request.headers.get(VERSION_HEADER), user_key)
     labels["model_version"] = version
@@ -116,6 +123,45 @@ def post_decision(body: dict):
 
 def deployment():
     return _ctx().service.state().to_json(), 200
+
+
+def set_weights(body: dict):
+    try:
+        state = _ctx().service.set_weights(body["weights"])
+    except InvalidWeights as exc:
+        return problem(400, "Bad Request", str(exc))
+    except StateError as exc:
+        return problem(409, "Conflict", str(exc))
+    return state.to_json(), 200, JSON
+
+
+def backfill_checkpoint(version: str, source: str):
+    ctx = _ctx()
+    state = ctx.service.state()
+    if version not in state.versions:
+        return problem(404, "Not Found", f"model version {version} is not deployed")
+    checkpoint = Checkpoint.load(checkpoint_path(ctx.settings, version, source), state.versions[version].index)
+    return asdict(checkpoint), 200, JSON
+
+
+def list_models():
+    return catalogue(_ctx().settings.model_dir), 200
+
+
+def get_model(version: str, artifact: str | None = None):
+    settings = _ctx().settings
+    if artifact is None:
+        folder = settings.model_dir / str(parse_version(version))
+    else:
+        # Only what the step pods see too: the shared volumes, not the app's own filesystem.
+        folder = Path(artifact).resolve()
+        if not any(folder.is_relative_to(root.resolve()) for root in (settings.model_base, settings.home)):
+            return problem(400, "Bad Request", f"artifact {artifact} is not on a shared volume "
+                                               f"({settings.model_base} or {settings.home})")
+    model = describe(version, folder)
+    if model is None:
+        return problem(404, "Not Found", f"model artifact for {version} not found: {folder} has no saved_model.pb")
+    return model, 200, JSON
 
 
 def healthz():

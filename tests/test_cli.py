@@ -50,3 +50,30 @@ def test_set_weights_refuses_bad_weights_and_changes_nothing(tmp_path, monkeypat
     assert state.path.read_bytes() == before
     ok = CliRunner().invoke(main, ["state", "set-weights", "v1=100"])
     assert ok.exit_code == 0
+
+
+def test_generator_commands_load_report_and_unload_versions(model_repo, monkeypatch):
+    """Against a running model server; ``status --version`` asks as a mesh would route it."""
+    import json
+
+    from embedding_rollout.generator.models import ModelManager
+    from embedding_rollout.generator.server import ModelServer
+    manager = ModelManager("embedder", model_repo)
+    manager.serve([1])
+    server = ModelServer(manager, rest_port=0, grpc_port=0).start()
+    monkeypatch.setenv("ER_GENERATOR_GRPC", f"127.0.0.1:{server.grpc_port}")
+    monkeypatch.setenv("ER_MODEL_BASE", str(model_repo.parent))
+
+    def run(*args) -> str:
+        result = CliRunner().invoke(main, ["generator", *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    try:
+        assert json.loads(run("status", "--version", "v2")) == {"v2": "NOT_FOUND"}
+        assert "v2 AVAILABLE" in run("load", "--version", "v2")
+        assert json.loads(run("status", "--version", "v2")) == {"v2": "AVAILABLE"}
+        run("unload", "--version", "v1")
+        assert json.loads(run("status")) == {"v1": "END", "v2": "AVAILABLE"}  # as TF Serving reports it
+    finally:
+        server.stop()

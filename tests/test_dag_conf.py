@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from embedding_rollout.config import Settings
 from embedding_rollout.domain.state import StateFile, VersionSpec
 from embedding_rollout_airflow.conf import InvalidConf, resolve_conf
+from embedding_rollout_airflow.hooks.deployment import LocalDeploymentHook
 
 
 @pytest.fixture
@@ -27,10 +27,10 @@ BASE = {"new_version": "v2", "current_version": None, "model_artifact": None, "s
 
 
 def test_a_valid_conf_is_resolved(home):
-    conf = resolve_conf(BASE, Settings())
+    conf = resolve_conf(BASE, LocalDeploymentHook())
     assert conf["current_version"] == "v1" and conf["plan"] == [25, 50, 75, 100]
     assert conf["model_artifact"].endswith("embedder/2")
-    assert resolve_conf({**BASE, "weights": [5, 50, 100]}, Settings())["plan"] == [5, 50, 100]
+    assert resolve_conf({**BASE, "weights": [5, 50, 100]}, LocalDeploymentHook())["plan"] == [5, 50, 100]
 
 
 @pytest.mark.parametrize("change,message", [
@@ -43,13 +43,13 @@ def test_a_valid_conf_is_resolved(home):
 ])
 def test_semantic_problems_are_named(home, change, message):
     with pytest.raises(InvalidConf, match=message):
-        resolve_conf({**BASE, **change}, Settings())
+        resolve_conf({**BASE, **change}, LocalDeploymentHook())
 
 
 def test_no_current_version_at_all(tmp_path, monkeypatch):
     monkeypatch.setenv("ER_HOME", str(tmp_path))
     with pytest.raises(InvalidConf, match="no current version"):
-        resolve_conf(BASE, Settings())
+        resolve_conf(BASE, LocalDeploymentHook())
 
 
 @pytest.fixture

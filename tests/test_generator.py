@@ -16,7 +16,7 @@ from embedding_rollout.generator.client import (GeneratorError, GeneratorTarget,
                                                 generator_client)
 from embedding_rollout.generator.models import ModelManager
 from embedding_rollout.generator.server import ModelServer
-from embedding_rollout.model.trainer import read_evaluation
+from embedding_rollout.model.repository import read_evaluation
 
 TEXTS = ["asyncio event loop", "Fix a reference leak in the C API.", "IDLE now highlights f-strings", ""]
 

@@ -46,7 +46,7 @@ def test_kubernetes_runtime_renders_valid_pod_specs(kubernetes_dags):
             assert pod["spec"]["serviceAccountName"] == "rollout-steps"
             mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
             assert mounts == {"rollout-home": "/var/lib/embedding-rollout", "embedding-models": "/models"}
-            assert task.reattach_on_restart and task.on_finish_action.value == "delete_succeeded_pod"
+            assert task.durable and task.on_finish_action.value == "delete_succeeded_pod"
             pods += 1
     assert pods >= 10
 

@@ -12,7 +12,7 @@ import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, model_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from .client import _STATE_NAMES, GeneratorError, _channel
+from .client import _STATE_NAMES, VERSION_HEADER, GeneratorError, _channel
 
 
 class ModelServerAdmin:
@@ -30,6 +30,21 @@ class ModelServerAdmin:
                 return {}
             raise GeneratorError(f"model server: {exc.code().name}: {exc.details()}") from exc
         return {s.version: _STATE_NAMES.get(s.state, "UNKNOWN") for s in reply.model_version_status}
+
+    def status(self, number: int) -> str | None:
+        """One version's state. Carries ``x-model-version``, so that through a mesh the call reaches
+        that version's generator (the generator's VirtualService routes on nothing else)."""
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.version.value = number
+        try:
+            reply = self.stub.GetModelStatus(request, timeout=10, metadata=((VERSION_HEADER, f"v{number}"),))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise GeneratorError(f"model server: {exc.code().name}: {exc.details()}") from exc
+        states = {s.version: _STATE_NAMES.get(s.state, "UNKNOWN") for s in reply.model_version_status}
+        return states.get(number)
 
     def served(self) -> list[int]:
         return sorted(n for n, state in self.statuses().items() if state == "AVAILABLE")
@@ -56,7 +71,7 @@ class ModelServerAdmin:
 
     def wait_available(self, number: int) -> None:
         deadline = time.monotonic() + self.timeout
-        while (state := self.statuses().get(number)) != "AVAILABLE":
+        while (state := self.status(number)) != "AVAILABLE":
             if state == "END" or time.monotonic() > deadline:
                 raise GeneratorError(f"version {number} of {self.model_name} is {state or 'unknown'}, not AVAILABLE")
             time.sleep(0.2)

@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from ..model.repository import available_versions  # noqa: E402,F401 (re-exported: the server's discovery)
 from ..model.trainer import INPUT_KEY, OUTPUT_KEY, SIGNATURE  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,6 @@ class VersionState:
     state: str = START
     error: str = ""
     signature: object = field(default=None, repr=False)
-
-
-def available_versions(model_dir: Path) -> list[int]:
-    """Integer version folders holding a SavedModel, as TF Serving discovers them."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir()
-                  if p.name.isdigit() and (p / "saved_model.pb").exists())
 
 
 class ModelManager:

@@ -141,11 +141,6 @@ def write_evaluation(version_dir: Path, evaluation: dict) -> None:
     (extra / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
 
 
-def read_evaluation(version_dir: Path) -> dict | None:
-    path = version_dir / "assets.extra" / "evaluation.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def training_metadata(cfg: TrainConfig, number: int, until: str | None, doc_count: int, started: float) -> dict:
     return {"version": number, "config": asdict(cfg), "trained_until": until,
             "documents": doc_count, "seconds": round(time.time() - started, 1)}

@@ -3,14 +3,12 @@ checks no JSON schema can make (the current version exists, the model artifact i
 the first task so that an invalid conf is refused before anything changes."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from airflow.sdk import Param
 
-from embedding_rollout.config import Settings
-from embedding_rollout.domain.state import StateFile
 from embedding_rollout.domain.traffic import InvalidWeights, ramp_plan, validate_plan
-from embedding_rollout.domain.versions import parse_version
+
+from .hooks.deployment import DeploymentStateError, LocalDeploymentHook
 
 VERSION_PATTERN = "^v[1-9][0-9]{0,8}$"
 
@@ -68,10 +66,11 @@ def ab_params() -> dict[str, Param]:
     }
 
 
-def resolve_conf(params: dict, settings: Settings | None = None) -> dict:
-    """Check the conf against the deployment; return it with the current version and plan resolved."""
-    settings = settings or Settings()
-    state = StateFile(settings.state_path).read()
+def resolve_conf(params: dict, deployment=None) -> dict:
+    """Check the conf against the deployment (a deployment hook: the state file, or the app's API);
+    return it with the current version and plan resolved."""
+    deployment = deployment or LocalDeploymentHook()
+    state = deployment.state()
     new = params["new_version"]
     current = params.get("current_version") or state.stable
     if current is None:
@@ -82,11 +81,11 @@ def resolve_conf(params: dict, settings: Settings | None = None) -> dict:
         raise InvalidConf(f"new version {new} is the current version")
     if state.weights.get(new, 0) == 100:
         raise InvalidConf(f"{new} already serves all traffic")
-    artifact = params.get("model_artifact")
-    folder = Path(artifact) if artifact else settings.model_dir / str(parse_version(new))
-    if not (folder / "saved_model.pb").exists():
-        raise InvalidConf(f"model artifact for {new} not found: {folder} has no saved_model.pb")
-    resolved = {**params, "current_version": current, "model_artifact": str(folder)}
+    try:
+        folder = deployment.model(new, params.get("model_artifact"))["path"]
+    except DeploymentStateError as exc:
+        raise InvalidConf(str(exc)) from exc
+    resolved = {**params, "current_version": current, "model_artifact": folder}
     if "step_percent" in params:
         try:
             resolved["plan"] = validate_plan(params["weights"]) if params.get("weights") else ramp_plan(

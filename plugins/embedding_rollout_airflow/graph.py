@@ -5,6 +5,8 @@ from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from .conf import InvalidConf, resolve_conf
+from .hooks.deployment import deployment_hook
+from .runtime import Runtime
 from .operators.steps import step
 from .sensors.backfill import BackfillCompleteSensor
 from .tasks import guarded_rollback, promoted_at, rollback_window
@@ -18,7 +20,7 @@ THRESHOLDS = "{{ %s['thresholds'] }}" % CONF
 @task(doc_md="Refuse an invalid conf before anything changes.")
 def validate_conf(params=None) -> dict:
     try:
-        return resolve_conf(dict(params))
+        return resolve_conf(dict(params), deployment_hook(Runtime()))
     except InvalidConf as exc:
         raise AirflowFailException(f"invalid conf: {exc}") from exc
 

@@ -19,10 +19,20 @@ class Runtime:
     service_account: str = field(default_factory=lambda: _env("ER_STEP_SERVICE_ACCOUNT", "rollout-steps"))
     gateway_virtual_service: str = field(default_factory=lambda: _env("ER_GATEWAY_VIRTUAL_SERVICE", "embedding-app"))
     app_url: str = field(default_factory=lambda: _env("ER_APP_URL", "http://127.0.0.1:8080"))
+    # The analysis's metrics: Prometheus (every app pod) when set, else the app's own /metrics.
+    prometheus_url: str = field(default_factory=lambda: _env("ER_PROMETHEUS_URL", ""))
+    prometheus_selector: str = field(default_factory=lambda: _env("ER_PROMETHEUS_SELECTOR", ""))
+    prometheus_scrape_interval: float = field(
+        default_factory=lambda: float(_env("ER_PROMETHEUS_SCRAPE_INTERVAL", "15")))
 
     def __post_init__(self):
         if self.kind not in (LOCAL, KUBERNETES):
             raise ValueError(f"ER_AIRFLOW_RUNTIME must be '{LOCAL}' or '{KUBERNETES}', got {self.kind!r}")
+
+    def metrics_source(self):
+        from embedding_rollout.online_metrics import metrics_source
+        return metrics_source(self.app_url, self.prometheus_url, self.prometheus_selector,
+                              self.prometheus_scrape_interval)
 
     @property
     def step_env(self) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Where the traffic split lives: the local router's deployment state, or an Istio VirtualService.
+"""Where the traffic split lives: the local router's deployment state, or (in a cluster) an Istio
+VirtualService together with the app's live versions.
 
 Both hooks offer ``weights()`` and ``set_weights(weights)``; ``set_weights`` is idempotent and returns
 the weights read back after the change, so the caller can confirm them.
@@ -137,3 +138,25 @@ class IstioVirtualServiceHook(BaseHook):
                 raise WeightsNotConfirmed(f"VirtualService {self.name} has {confirmed} after setting {weights}")
             return confirmed
         raise WeightsNotConfirmed(f"VirtualService {self.name}: gave up after {self.attempts} conflicts")
+
+
+class MeshRouterHook(BaseHook):
+    """In a cluster Istio assigns the version at the gateway and the app serves the version it is
+    given only while it is live in the app's deployment state. So the two change make-before-break:
+    first the app accepts every version Istio routes now or will route, then Istio's weights
+    change, then the versions Istio no longer routes stop being live in the app."""
+
+    def __init__(self, istio: IstioVirtualServiceHook, app):
+        super().__init__()
+        self.istio, self.app = istio, app
+
+    def weights(self) -> dict[str, int]:
+        return self.istio.weights()
+
+    def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
+        weights = validate_weights(weights)
+        leaving = {version: 0 for version in self.istio.weights() if version not in weights}
+        self.app.set_weights({**leaving, **weights})
+        confirmed = self.istio.set_weights(weights)
+        self.app.set_weights(weights)
+        return confirmed

@@ -6,18 +6,21 @@ from collections.abc import Sequence
 
 from airflow.sdk import BaseOperator
 
-from ..hooks.routing import IstioVirtualServiceHook, LocalRouterHook
+from ..hooks.deployment import AppDeploymentHook
+from ..hooks.routing import IstioVirtualServiceHook, LocalRouterHook, MeshRouterHook
 from ..runtime import KUBERNETES, Runtime
 
 
 def router_hook(runtime: Runtime, kubernetes_conn_id: str | None = None):
     if runtime.kind == KUBERNETES:
-        return IstioVirtualServiceHook(runtime.gateway_virtual_service, runtime.namespace, kubernetes_conn_id)
+        istio = IstioVirtualServiceHook(runtime.gateway_virtual_service, runtime.namespace, kubernetes_conn_id)
+        return MeshRouterHook(istio, AppDeploymentHook(runtime.app_url))
     return LocalRouterHook()
 
 
 class IstioWeightOperator(BaseOperator):
-    """Set the gateway VirtualService's per-version weights (or the local router's, locally).
+    """Set the gateway VirtualService's per-version weights and the app's live versions (or the
+    local router's weights, locally).
 
     ``weights`` maps version labels to integer percentages summing to 100 (a dict, or a JSON string
     rendered from a template). Idempotent; optimistic concurrency on the resourceVersion; the

@@ -59,7 +59,7 @@ def pod_operator(task_id: str, arguments: list[str], runtime: Runtime, **kwargs)
         container_resources=k8s.V1ResourceRequirements(requests={"cpu": "500m", "memory": "1Gi"},
                                                        limits={"memory": "4Gi"}),
         get_logs=True,
-        reattach_on_restart=True,  # a restarted worker picks the running pod up again
+        durable=True,  # a restarted worker picks the running pod up again (no second pod)
         on_finish_action="delete_succeeded_pod",  # failed pods stay for inspection
         **kwargs,
     )

@@ -16,8 +16,7 @@ import requests
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowSkipException
 
-from embedding_rollout.domain.analysis import (Thresholds, automatic_decision, click_through, parse_metrics,
-                                               window)
+from embedding_rollout.domain.analysis import Thresholds, automatic_decision
 
 from ..operators.istio import router_hook
 from ..runtime import Runtime
@@ -35,7 +34,7 @@ class AwaitDecisionSensor(BaseSensorOperator):
         kwargs.setdefault("mode", "reschedule")
         super().__init__(**kwargs)
         self.new_version, self.stable_version, self.source = new_version, stable_version, source
-        self.split = split  # {"at": when the split started, "metrics": /metrics text then}
+        self.split = split  # {"at": when the split started, "mark": the metrics source's mark then}
         self.thresholds, self.min_feedback, self.decision_timeout = thresholds or {}, min_feedback, decision_timeout
         self.runtime = runtime
 
@@ -67,12 +66,9 @@ class AwaitDecisionSensor(BaseSensorOperator):
         return PokeReturnValue(is_done=True, xcom_value=final["action"])
 
     def _auto(self):
-        text = requests.get(f"{self.app_url}/metrics", timeout=5).text
-        metrics = window(parse_metrics(self.split["metrics"]), parse_metrics(text))
-        before, now = click_through(self.split["metrics"]), click_through(text)
-        ctr = {v: (c - before.get(v, (0, 0))[0], n - before.get(v, (0, 0))[1]) for v, (c, n) in now.items()}
+        measured = (self.runtime or Runtime()).metrics_source().since(self.split["mark"])
         limits = Thresholds(**{k: v for k, v in dict(self.thresholds).items() if v is not None})
-        decision, reason = automatic_decision(metrics, ctr, self.new_version, self.stable_version, limits,
-                                              int(self.min_feedback))
+        decision, reason = automatic_decision(measured.versions, measured.clicks, self.new_version,
+                                              self.stable_version, limits, int(self.min_feedback))
         self.log.info("automatic decision: %s: %s", decision or "none yet", reason)
         return PokeReturnValue(is_done=True, xcom_value=decision) if decision else False

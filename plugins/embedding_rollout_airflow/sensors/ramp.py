@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import requests
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from embedding_rollout.domain.analysis import FAILED, INCONCLUSIVE, Thresholds, judge, parse_metrics, window
+from embedding_rollout.domain.analysis import FAILED, INCONCLUSIVE, Thresholds, judge
 
 from ..operators.istio import router_hook
 from ..runtime import Runtime
@@ -24,8 +23,7 @@ class RampStepSensor(BaseSensorOperator):
     template_fields: Sequence[str] = ("new_version", "stable_version", "interval_seconds", "thresholds")
 
     def __init__(self, *, weight: int, new_version: str, stable_version: str, interval_seconds: int | str,
-                 thresholds: dict | str | None = None, metrics_url: str | None = None,
-                 runtime: Runtime | None = None, **kwargs):
+                 thresholds: dict | str | None = None, runtime: Runtime | None = None, **kwargs):
         kwargs.setdefault("mode", "reschedule")
         kwargs.setdefault("poke_interval", 1)
         kwargs.setdefault("max_active_tis_per_dagrun", 1)
@@ -33,7 +31,7 @@ class RampStepSensor(BaseSensorOperator):
         super().__init__(**kwargs)
         self.weight, self.new_version, self.stable_version = weight, new_version, stable_version
         self.interval_seconds, self.thresholds = interval_seconds, thresholds or {}
-        self.metrics_url, self.runtime = metrics_url, runtime
+        self.runtime = runtime
 
     def _previous_step_done(self, ti) -> bool:
         """True once the step before succeeded; skips this step when that one failed or was skipped."""
@@ -47,23 +45,19 @@ class RampStepSensor(BaseSensorOperator):
             raise AirflowSkipException(f"ramp step {ti.map_index - 1} did not succeed: the ramp stops here")
         return False
 
-    def _metrics(self) -> dict:
-        url = self.metrics_url or f"{(self.runtime or Runtime()).app_url}/metrics"
-        reply = requests.get(url, timeout=5)
-        reply.raise_for_status()
-        return parse_metrics(reply.text)
-
     def poke(self, context):
         ti = context["ti"]
         if not self._previous_step_done(ti):
             self.log.info("waiting for ramp step %d to succeed first", ti.map_index - 1)
             return False
+        runtime = self.runtime or Runtime()
         weights = {self.new_version: int(self.weight), self.stable_version: 100 - int(self.weight)}
-        before = self._metrics()
-        confirmed = router_hook(self.runtime or Runtime()).set_weights(weights)
+        metrics = runtime.metrics_source()
+        mark = metrics.mark()
+        confirmed = router_hook(runtime).set_weights(weights)
         self.log.info("ramp step %d: %s now gets %d %% %s", ti.map_index, self.new_version, self.weight, confirmed)
         time.sleep(float(self.interval_seconds))
-        verdict = judge(window(before, self._metrics()), self.new_version, self.stable_version,
+        verdict = judge(metrics.since(mark).versions, self.new_version, self.stable_version,
                         Thresholds(**{k: v for k, v in dict(self.thresholds).items() if v is not None}))
         self.log.info("analysis: %s: %s (new %s, stable %s)", verdict.status, verdict.reason, verdict.new,
                       verdict.stable)

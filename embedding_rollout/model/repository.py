@@ -1,0 +1,45 @@
+"""The model repository as TF Serving lays it out: ``<base>/<model_name>/<n>/saved_model.pb``, each
+version with the metadata written at training time (``assets.extra/training.json``,
+``evaluation.json``). No TensorFlow needed to read it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..domain.versions import version_label
+
+
+def available_versions(model_dir: Path) -> list[int]:
+    """Integer version folders holding a SavedModel, as TF Serving discovers them."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "saved_model.pb").exists())
+
+
+def read_evaluation(version_dir: Path) -> dict | None:
+    path = version_dir / "assets.extra" / "evaluation.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_dims(version_dir: Path) -> int:
+    """The embedding size recorded with the SavedModel at training time."""
+    path = version_dir / "assets.extra" / "training.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no trained model at {version_dir}: {path.name} is missing")
+    return int(json.loads(path.read_text())["config"]["dims"])
+
+
+def describe(version: str, folder: Path) -> dict | None:
+    """A SavedModel folder's summary, or None when it holds no SavedModel."""
+    if not (folder / "saved_model.pb").exists():
+        return None
+    try:
+        dims = read_dims(folder)
+    except FileNotFoundError:
+        dims = None
+    return {"version": version, "path": str(folder), "dims": dims, "evaluation": read_evaluation(folder)}
+
+
+def catalogue(model_dir: Path) -> list[dict]:
+    """Every version in the repository, oldest first."""
+    return [describe(version_label(n), model_dir / str(n)) for n in available_versions(model_dir)]

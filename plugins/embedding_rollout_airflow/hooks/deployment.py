@@ -1,0 +1,87 @@
+"""The deployment state as the Airflow tasks see it: the state file (local runtime), or the app's
+operator API (kubernetes runtime: the file lives on a volume in the app's namespace, which a worker
+in Airflow's namespace cannot mount)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+from airflow.sdk import BaseHook
+
+from embedding_rollout.config import Settings
+from embedding_rollout.domain.state import DeploymentState, StateFile
+from embedding_rollout.domain.versions import parse_version
+from embedding_rollout.model.repository import catalogue, describe
+from embedding_rollout.pipeline.indexing import Checkpoint
+from embedding_rollout.steps import checkpoint_path
+
+
+class DeploymentStateError(RuntimeError):
+    pass
+
+
+class LocalDeploymentHook(BaseHook):
+    def __init__(self, settings: Settings | None = None):
+        super().__init__()
+        self.settings = settings or Settings()
+        self.file = StateFile(self.settings.state_path)
+
+    def state(self) -> DeploymentState:
+        return self.file.read()
+
+    def set_weights(self, weights: dict[str, int]) -> DeploymentState:
+        return self.file.update(lambda s: s.with_weights(weights))
+
+    def checkpoint(self, version: str, source: str) -> Checkpoint:
+        index = self.state().spec(version).index
+        return Checkpoint.load(checkpoint_path(self.settings, version, source), index)
+
+    def models(self) -> list[dict]:
+        return catalogue(self.settings.model_dir)
+
+    def model(self, version: str, artifact: str | None = None) -> dict:
+        """The version's SavedModel (in the repository, or at ``artifact``)."""
+        folder = Path(artifact) if artifact else self.settings.model_dir / str(parse_version(version))
+        model = describe(version, folder)
+        if model is None:
+            raise DeploymentStateError(f"model artifact for {version} not found: {folder} has no saved_model.pb")
+        return model
+
+
+class AppDeploymentHook(BaseHook):
+    """``/deployment`` of the app (inside the mesh, allowed to Airflow's identity only)."""
+
+    def __init__(self, app_url: str, timeout: float = 10.0):
+        super().__init__()
+        self.app_url, self.timeout = app_url.rstrip("/"), timeout
+
+    def _call(self, method: str, path: str, **kwargs) -> dict:
+        reply = requests.request(method, f"{self.app_url}{path}", timeout=self.timeout, **kwargs)
+        if reply.status_code >= 400:
+            detail = reply.json().get("detail") if reply.headers.get("content-type", "").endswith("json") else reply.text
+            raise DeploymentStateError(f"{method} {path}: {reply.status_code}: {detail}")
+        return reply.json()
+
+    def state(self) -> DeploymentState:
+        return DeploymentState.from_json(self._call("GET", "/deployment"))
+
+    def set_weights(self, weights: dict[str, int]) -> DeploymentState:
+        return DeploymentState.from_json(self._call("PUT", "/deployment/weights", json={"weights": weights}))
+
+    def checkpoint(self, version: str, source: str) -> Checkpoint:
+        return Checkpoint(**self._call("GET", f"/deployment/backfills/{version}", params={"source": source}))
+
+    def models(self) -> list[dict]:
+        return self._call("GET", "/deployment/models")
+
+    def model(self, version: str, artifact: str | None = None) -> dict:
+        """The version's SavedModel, as the app (and the step pods) see the shared volumes."""
+        return self._call("GET", f"/deployment/models/{version}", params={"artifact": artifact} if artifact else None)
+
+
+def deployment_hook(runtime) -> LocalDeploymentHook | AppDeploymentHook:
+    from ..runtime import KUBERNETES
+    if runtime.kind == KUBERNETES:
+        return AppDeploymentHook(runtime.app_url)
+    return LocalDeploymentHook()
+

@@ -1,0 +1,119 @@
+"""The kubernetes runtime's tasks in Airflow's namespace: they cannot mount the state volume, so they
+read and change the deployment through the app's operator API, and the traffic split changes in
+Istio and in the app make-before-break."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import requests
+from kubernetes import client
+
+from embedding_rollout import steps
+from embedding_rollout_airflow.hooks.deployment import AppDeploymentHook, DeploymentStateError
+from embedding_rollout_airflow.hooks.routing import IstioVirtualServiceHook, MeshRouterHook, weights_of
+from rollout_harness import LocalDeployment
+from test_istio_weights import NAME, NAMESPACE
+from test_istio_weights import api as istio  # noqa: F401 (a fixture: the gateway VirtualService, v1 at 100)
+
+
+@pytest.fixture
+def deployment(tmp_path, model_repo, monkeypatch):
+    deployment = LocalDeployment(tmp_path / "home", model_repo, monkeypatch)
+    steps.deploy_version(deployment.settings, "v2", run_id="run-1")
+    steps.start_dual_write(deployment.settings, "v2")
+    yield deployment
+    deployment.stop()
+
+
+def served_version(app_url: str, header: str) -> str:
+    reply = requests.post(f"{app_url}/search", json={"query": "asyncio", "k": 1}, headers={"x-model-version": header})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["model_version"]
+
+
+def test_weights_change_in_the_app_before_istio_routes_to_a_version_and_after_it_stops(deployment, istio):  # noqa: F811
+    app = AppDeploymentHook(deployment.app.url)
+    mesh = IstioVirtualServiceHook(NAME, NAMESPACE, api_client=client.ApiClient(client.Configuration(host=istio.url)))
+    seen = []  # (Istio's weights, the app's live versions) around each Istio change
+    real_set = mesh.set_weights
+
+    def watched_set(weights):
+        seen.append((weights_of(istio.get(NAMESPACE, NAME)), set(app.state().live_versions)))
+        confirmed = real_set(weights)
+        seen.append((weights_of(istio.get(NAMESPACE, NAME)), set(app.state().live_versions)))
+        return confirmed
+
+    mesh.set_weights = watched_set
+    router = MeshRouterHook(mesh, app)
+    # Before: Istio would send v2's header, but the app does not serve v2 yet.
+    assert served_version(deployment.app.url, "v2") == "v1"
+
+    assert router.set_weights({"v1": 90, "v2": 10}) == {"v1": 90, "v2": 10}
+    assert app.state().weights == {"v1": 90, "v2": 10} == deployment.state.read().weights
+    assert served_version(deployment.app.url, "v2") == "v2"
+
+    assert router.set_weights({"v2": 100}) == {"v2": 100}
+    assert app.state().weights == {"v2": 100} and weights_of(istio.get(NAMESPACE, NAME)) == {"v2": 100}
+    for routed, live in seen:  # every version Istio routed to was live in the app at that moment
+        assert set(routed) <= live, (routed, live)
+    assert served_version(deployment.app.url, "v1") == "v2"  # v1 is no longer live: assigned by weight
+
+
+def test_the_operator_api_refuses_bad_weights_and_changes_nothing(deployment):
+    url, before = deployment.app.url, deployment.state.read()
+    for weights, status in [({"v1": 90, "v2": 20}, 400), ({"v9": 100}, 409), ({"x1": 100}, 400), ({}, 400)]:
+        reply = requests.put(f"{url}/deployment/weights", json={"weights": weights})
+        assert reply.status_code == status, (weights, reply.text)
+        assert reply.json()["detail"]
+    assert deployment.state.read() == before
+    with pytest.raises(DeploymentStateError, match="409.*v9"):
+        AppDeploymentHook(url).set_weights({"v9": 100})
+
+
+def test_backfill_sensor_in_the_cluster_reads_state_and_checkpoint_from_the_app(deployment, monkeypatch, tmp_path):
+    from embedding_rollout.store import open_store
+    from embedding_rollout_airflow.sensors.backfill import BackfillCompleteSensor
+    settings = deployment.settings
+    # The worker: no state volume (ER_HOME elsewhere, no state file), the store reachable.
+    monkeypatch.setenv("ER_LANCE_URI", settings.lance_uri)
+    monkeypatch.setenv("ER_HOME", str(tmp_path / "worker"))
+    monkeypatch.setenv("ER_AIRFLOW_RUNTIME", "kubernetes")
+    sensor = BackfillCompleteSensor(task_id="wait_backfill_complete", version="v2", source="v1")
+    assert sensor.poke({}) is False  # no checkpoint yet
+
+    steps.backfill(settings, "v2", "v1")
+    checkpoint = requests.get(f"{deployment.app.url}/deployment/backfills/v2", params={"source": "v1"}).json()
+    assert checkpoint["done"] and checkpoint["position"] == open_store(settings).count("docs-v1")
+    assert sensor.poke({}) is True
+
+    store = open_store(settings)
+    # An update that reached v1 only (as if dual-write had been bypassed): v2 is behind, not complete.
+    document = next(iter(store.scan("docs-v1")))
+    store.upsert("docs-v1", dataclasses.replace(document, seq=document.seq + 1,
+                                                        vector=np.ones(32, dtype=np.float32) / np.sqrt(32)))
+    assert sensor.poke({}) is False
+    assert requests.get(f"{deployment.app.url}/deployment/backfills/v7", params={"source": "v1"}).status_code == 404
+
+
+def test_the_conf_is_checked_through_the_app_where_the_worker_sees_no_volume(deployment, tmp_path):
+    from embedding_rollout_airflow.conf import InvalidConf, resolve_conf
+    app = AppDeploymentHook(deployment.app.url)
+    base = {"new_version": "v2", "current_version": None, "model_artifact": None, "step_percent": 50,
+            "weights": None, "max_error_rate": 0.05, "max_p99_ratio": 2.0, "min_requests": 20}
+    conf = resolve_conf(base, app)
+    assert conf["current_version"] == "v1" and conf["plan"] == [50, 100]
+    assert conf["model_artifact"] == str(deployment.settings.model_dir / "2")
+    models = app.models()
+    assert [m["version"] for m in models] == ["v1", "v2"] and [m["dims"] for m in models] == [32, 48]
+    assert models[1]["evaluation"]["recall@10"] > 0
+    with pytest.raises(InvalidConf, match="404.*model artifact for v3 not found"):
+        resolve_conf({**base, "new_version": "v3"}, app)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(InvalidConf, match="400.*not on a shared volume"):
+        resolve_conf({**base, "model_artifact": str(outside)}, app)
+    reply = requests.get(f"{deployment.app.url}/deployment/models/v2",
+                         params={"artifact": str(deployment.settings.model_dir / "2")})
+    assert reply.status_code == 200 and reply.json()["dims"] == 48
