@@ -41,9 +41,9 @@ def create_app(settings: Settings | None = None, service: EmbeddingService | Non
 
 
 class AppServer:
-    """Run the app under uvicorn in a background thread (tests, the local stack)."""
+    """Run the app (or any ASGI app) under uvicorn in a background thread (tests, the local stack)."""
 
-    def __init__(self, app: connexion.FlaskApp, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="app", daemon=True)

@@ -72,3 +72,55 @@ def test_ab_without_a_decision_times_out_into_rollback(dagbag, deployment):
     assert states["rollback_traffic"] == TaskInstanceState.SUCCESS and states["promote"] == TaskInstanceState.SKIPPED
     state = deployment.state.read()
     assert state.weights == {"v1": 100} and list(state.versions) == ["v1"]
+
+
+@pytest.fixture
+def airflow_api(airflow_db, monkeypatch):
+    """Airflow's own REST API (the one the UI's Required Actions page uses) on 127.0.0.1, on the same
+    metadata database as dag.test(); every request is an admin's (simple auth manager)."""
+    from airflow.api_fastapi.app import create_app
+    from serving_app import AppServer
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")
+    server = AppServer(create_app("core")).start()
+    yield server.url
+    server.stop()
+
+
+def answer_when_asked(api: str, answer: str, answered: list):
+    """A person in the UI: wait for the run's Human-in-the-loop request, then answer it."""
+    def run():
+        import time
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            pending = requests.get(f"{api}/api/v2/dags/embedding_deploy_ab/dagRuns/~/hitlDetails",
+                                   params={"response_received": "false"}, timeout=10)
+            details = pending.json().get("hitl_details", []) if pending.ok else []
+            if details:
+                ti = details[0]["task_instance"]
+                reply = requests.patch(
+                    f"{api}/api/v2/dags/embedding_deploy_ab/dagRuns/{ti['dag_run_id']}/taskInstances/"
+                    f"{ti['task_id']}/{ti['map_index']}/hitlDetails",
+                    json={"chosen_options": [answer], "params_input": {}}, timeout=10)
+                answered.append((details[0]["subject"], reply.status_code, reply.text))
+                return
+            time.sleep(0.5)
+    thread = threading.Thread(target=run, name="a-person", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ab_a_person_promotes_in_the_airflow_ui(dagbag, deployment, airflow_api):
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    answered = []
+    answer_when_asked(airflow_api, "Promote", answered)
+    conf = {"new_version": "v2", "initial_weight": 25, "decision_source": "ui"}
+    with traffic(deployment) as record:
+        run = dagbag.get_dag("embedding_deploy_ab").test(run_conf=conf)
+    assert answered and answered[0][:2] == ("Promote v2?", 200), answered
+    assert run.state == DagRunState.SUCCESS and record.failures == []
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["ask_a_person"] == TaskInstanceState.SUCCESS and states["await_decision"] == TaskInstanceState.SKIPPED
+    assert states["promote_to_all"] == TaskInstanceState.SUCCESS
+    assert states["rollback_traffic"] == TaskInstanceState.SKIPPED
+    assert [w.get("v2") for w in record.weights_seen if "v2" in w][:2] == [25, 100]
+    assert deployment.state.read().stable == "v2"
