@@ -231,6 +231,17 @@ def index_load(settings: Settings, version, source, checkpoint, batch_size):
     _print(vars(result))
 
 
+@index.command("repair")
+@VERSION
+@click.option("--source", required=True, help="The deployed version whose index holds the writes, e.g. v1.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 4096))
+@click.pass_obj
+def index_repair(settings: Settings, version, source, batch_size):
+    """Bring the version's index up to date with the source's: the writes it missed as a candidate."""
+    from .steps import repair
+    _print(vars(repair(settings, version, source, batch_size)))
+
+
 @index.command("verify")
 @VERSION
 @click.option("--source", default="corpus", show_default=True)
@@ -303,7 +314,8 @@ def state_set_weights(settings: Settings, weights):
 @VERSION
 @click.pass_obj
 def promote(settings: Settings, version):
-    """Make the version the stable one (fallback and default current version)."""
+    """Make the version the stable one (fallback and default current version), after repairing its
+    index from the stable version's and verifying it."""
     from .steps import promote as run
     _print(run(settings, version).to_json())
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import requests
 
-from .domain.analysis import VersionMetrics, click_through, parse_metrics, window
+from .domain.analysis import MISSES, VersionMetrics, click_through, parse_metrics, window
 
 ENDPOINT = "search"
 
@@ -94,11 +94,12 @@ class PrometheusQuery:
             entry.requests += value
             if labels.get("status", "").startswith("5"):
                 entry.failures += value
-        # Served by the stable version because this one's generator failed: a failed request of it.
-        for labels, value in self._increase("embedding_app_fallbacks_total", "from_version", seconds, endpoint=False):
-            entry = versions[labels["from_version"]]
-            entry.requests += value
-            entry.failures += value
+        # Failures of a version the stable one absorbed (fallbacks, missed writes): failed requests of it.
+        for metric, label in MISSES.items():
+            for labels, value in self._increase(metric, label, seconds, endpoint=False):
+                entry = versions[labels[label]]
+                entry.requests += value
+                entry.failures += value
         for labels, value in self._increase("embedding_app_request_seconds_bucket", "model_version, le", seconds):
             buckets = versions[labels["model_version"]].buckets
             buckets[float(labels["le"])] = value

@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .domain.state import DeploymentState, StateFile, VersionSpec
+from .domain.state import DeploymentState, StateError, StateFile, VersionSpec
 from .domain.traffic import validate_weights
 from .generator.client import GeneratorError, GeneratorTarget, generator_client
 from .pipeline.indexing import embedding_text
-from .store.base import Filters, Hit, StoredDocument, StoreUnavailable, VectorStore
+from .store.base import Filters, Hit, IndexNotFound, StoredDocument, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class WriteResult:
     id: str
     seq: int
     applied: dict[str, bool]  # per write target: False when the index already held a newer version
+    missed: dict[str, str] = field(default_factory=dict)  # candidate version -> why its write failed
 
 
 def new_seq() -> int:
@@ -92,19 +93,34 @@ class EmbeddingService:
         return hits, {"generator": embedded - started, "store": time.perf_counter() - embedded}
 
     # -- writes --------------------------------------------------------------------------------
+    # The primary write target (the stable version) must take the write, or the request fails and
+    # nothing is written. A candidate's failure does not fail the live system's writes: it is
+    # reported as missed, and `index repair` (run by the backfill and the promote steps) brings the
+    # candidate's index up to date from the primary's before it can become stable.
     def put_document(self, doc_id: str, fields: dict, seq: int | None = None) -> WriteResult:
-        state, seq = self.state(), seq or new_seq()
-        targets = [state.spec(v) for v in state.write_targets]
         text = embedding_text(fields)
-        vectors = {spec.name: self.generator(spec).embed([text])[0] for spec in targets}
-        applied = {spec.name: self.store.upsert(spec.index, StoredDocument(doc_id, seq, fields, vectors[spec.name]))
-                   for spec in targets}
-        return WriteResult(doc_id, seq, applied)
+
+        def write(spec: VersionSpec, seq: int) -> bool:
+            vector = self.generator(spec).embed([text])[0]
+            return self.store.upsert(spec.index, StoredDocument(doc_id, seq, fields, vector))
+        return self._write_all(doc_id, seq or new_seq(), write)
 
     def delete_document(self, doc_id: str, seq: int | None = None) -> WriteResult:
-        state, seq = self.state(), seq or new_seq()
-        applied = {v: self.store.delete(state.spec(v).index, doc_id, seq) for v in state.write_targets}
-        return WriteResult(doc_id, seq, applied)
+        return self._write_all(doc_id, seq or new_seq(), lambda spec, seq: self.store.delete(spec.index, doc_id, seq))
+
+    def _write_all(self, doc_id: str, seq: int, write: Callable[[VersionSpec, int], bool]) -> WriteResult:
+        state = self.state()
+        if not state.write_targets:
+            raise StateError("no write target: the deployment has no version to write to")
+        primary = state.stable if state.stable in state.write_targets else state.write_targets[0]
+        result = WriteResult(doc_id, seq, {primary: write(state.spec(primary), seq)})
+        for version in (v for v in state.write_targets if v != primary):
+            try:
+                result.applied[version] = write(state.spec(version), seq)
+            except (GeneratorError, StoreUnavailable, IndexNotFound) as exc:
+                log.warning("write of %s to candidate %s missed (%s); index repair will bring it", doc_id, version, exc)
+                result.missed[version] = str(exc)
+        return result
 
     # -- health --------------------------------------------------------------------------------
     def readiness(self) -> dict[str, dict[str, str]]:

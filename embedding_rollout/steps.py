@@ -103,20 +103,38 @@ def checkpoint_path(settings: Settings, version: str, source: str) -> Path:
     return settings.home / "checkpoints" / f"{version}-from-{source}.json"
 
 
+def _embedder(settings: Settings, spec: VersionSpec, batch_size: int):
+    from .generator.client import GeneratorTarget, generator_client
+    target = GeneratorTarget(spec.name, spec.generator_grpc, spec.generator_rest, spec.model_name)
+    return generator_client(target, protocol=settings.generator_protocol,
+                            timeout=max(settings.generator_timeout, 30.0), batch_size=batch_size).embed
+
+
 def backfill(settings: Settings, version: str, source: str, checkpoint: Path | None = None,
              batch_size: int = 256):
-    """Step 3: embed every source document with ``version``'s generator into its index."""
-    from .generator.client import GeneratorTarget, generator_client
+    """Step 3: embed every source document with ``version``'s generator into its index, then
+    repair what the live writes missed meanwhile."""
     from .pipeline.indexing import load_index
     checkpoint = checkpoint or checkpoint_path(settings, version, source)
     spec = state_file(settings).read().spec(version)
     documents, count = _source(settings, source)
     total = count() if count else None
-    client = generator_client(GeneratorTarget(version, spec.generator_grpc, spec.generator_rest, spec.model_name),
-                              protocol=settings.generator_protocol, timeout=max(settings.generator_timeout, 30.0),
-                              batch_size=batch_size)
-    return load_index(documents(), open_store(settings), spec.index, client.embed, total=total,
-                      batch_size=batch_size, checkpoint_path=checkpoint, label=f"backfill {version} from {source}")
+    loaded = load_index(documents(), open_store(settings), spec.index, _embedder(settings, spec, batch_size),
+                        total=total, batch_size=batch_size, checkpoint_path=checkpoint,
+                        label=f"backfill {version} from {source}")
+    if source != "corpus":
+        repair(settings, version, source, batch_size)
+    return loaded
+
+
+def repair(settings: Settings, version: str, source: str, batch_size: int = 256):
+    """Write into ``version``'s index every document (and delete) of ``source``'s that it lacks or
+    holds at an older version: the writes it missed as a candidate write target."""
+    from .pipeline.indexing import repair_index
+    state = state_file(settings).read()
+    spec, store = state.spec(version), open_store(settings)
+    documents = store.scan(state.spec(source).index, include_deleted=True)
+    return repair_index(documents, store, spec.index, _embedder(settings, spec, batch_size), batch_size)
 
 
 def verify_backfill(settings: Settings, version: str, source: str, state: DeploymentState | None = None):
@@ -136,8 +154,23 @@ def set_weights(settings: Settings, weights: dict[str, int]) -> DeploymentState:
     return state_file(settings).update(lambda s: s.with_weights(weights))
 
 
-def promote(settings: Settings, version: str) -> DeploymentState:
-    """Make ``version`` the stable one (after it took all the traffic)."""
+def promote(settings: Settings, version: str, passes: int = 5) -> DeploymentState:
+    """Make ``version`` the stable one (after it took all the traffic), once its index holds every
+    write the stable version took: repaired, then verified (a write in flight between the two may
+    need another pass)."""
+    state = state_file(settings).read()
+    stable = state.stable
+    if stable and stable != version and {stable, version} <= set(state.write_targets):
+        for attempt in range(1, passes + 1):
+            repair(settings, version, stable)
+            report = verify_backfill(settings, version, stable)
+            if report.complete:
+                break
+            log.warning("pass %d: %s still lacks %d and is behind on %d documents of %s (%s)", attempt, version,
+                        report.missing, report.behind, stable, report.examples[:5])
+        else:
+            raise RuntimeError(f"{version} does not hold every write of {stable} after {passes} repair passes "
+                               f"(e.g. {report.examples[:5]}): not promoted")
     return state_file(settings).update(lambda s: s.with_stable(version))
 
 

@@ -20,13 +20,17 @@ class AppMetrics:
                                  registry=self.registry)
         self.feedback = Counter("embedding_app_feedback", "Result feedback (clicked or not), by model version",
                                 ["model_version", "clicked"], registry=self.registry)
+        self.write_misses = Counter("embedding_app_write_misses", "Writes a candidate version missed (its "
+                                    "generator or index failed; the stable version took them)", ["model_version"],
+                                    registry=self.registry)
         self._prepared: set[tuple[str, str | None]] = set()
 
-    def prepare(self, versions, stable: str | None) -> None:
+    def prepare(self, state) -> None:
         """Create a live version's series at 0 before its first request. Prometheus's increase()
         cannot count the first value of a series born inside its window, so a version whose
         traffic (or first errors) began within one scrape interval would be under-counted."""
-        for version in versions:
+        stable = state.stable
+        for version in dict.fromkeys([*state.live_versions, *state.write_targets]):
             if (version, stable) in self._prepared:
                 continue
             for status in ("200", "503"):
@@ -36,4 +40,5 @@ class AppMetrics:
                 self.feedback.labels(model_version=version, clicked=clicked)
             if stable and stable != version:
                 self.fallbacks.labels(from_version=version, to_version=stable)
+                self.write_misses.labels(model_version=version)
             self._prepared.add((version, stable))

@@ -67,7 +67,7 @@ def observed(endpoint: str):
 def search(labels: dict, body: dict):
     ctx = _ctx()
     state = ctx.service.state()
-    ctx.metrics.prepare(state.live_versions, state.stable)
+    ctx.metrics.prepare(state)
     user_key = request.headers.get(USER_HEADER) or request.cookies.get(USER_COOKIE)
     version = state.assign(request.headers.get(VERSION_HEADER), user_key)
     labels["model_version"] = version
@@ -83,21 +83,22 @@ def search(labels: dict, body: dict):
     return payload, 200, {**JSON, VERSION_HEADER: result.model_version, "Server-Timing": timing}
 
 
-def _write_payload(result) -> dict:
-    return {"id": result.id, "version": result.seq, "applied": result.applied}
+def _written(result) -> tuple[dict, int, dict]:
+    metrics = _ctx().metrics
+    for version in result.missed:
+        metrics.write_misses.labels(model_version=version).inc()
+    return {"id": result.id, "version": result.seq, "applied": result.applied, "missed": result.missed}, 200, JSON
 
 
 @observed("put_document")
 def put_document(labels: dict, doc_id: str, body: dict):
     fields = {k: body[k] for k in ("title", "text", "category", "date")}
-    result = _ctx().service.put_document(doc_id, fields, body.get("version"))
-    return _write_payload(result), 200, JSON
+    return _written(_ctx().service.put_document(doc_id, fields, body.get("version")))
 
 
 @observed("delete_document")
 def delete_document(labels: dict, doc_id: str, version: int | None = None):
-    result = _ctx().service.delete_document(doc_id, version)
-    return _write_payload(result), 200, JSON
+    return _written(_ctx().service.delete_document(doc_id, version))
 
 
 def feedback(body: dict):

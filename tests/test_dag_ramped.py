@@ -66,11 +66,10 @@ def test_a_failing_new_version_fails_the_analysis_and_rolls_back(dagbag, deploym
     with traffic(deployment, on_weights=break_v2_once_live) as record:
         run = dagbag.get_dag("embedding_deploy_ramped").test(run_conf=conf)
     assert run.state == DagRunState.FAILED  # the rollout failed ...
-    # ... yet every search was answered (served by v1 when v2's generator failed); writes, which
-    # must reach every write target, failed loudly on v2's generator and only on it.
-    assert all(f.startswith("write 503") and "injected failure in embedder version 2" in f
-               for f in record.failures)
-    assert not [f for f in record.failures if f.startswith("search")]
+    # ... yet every request was answered: searches served by v1 when v2's generator failed, writes
+    # taken by v1 (the stable version) with v2's misses counted, not failed.
+    assert record.failures == []
+    assert len(record.written) + len(record.deleted) > 0
     state = deployment.state.read()         # ... and it rolled back: v1 serves all, v2 is gone
     assert state.weights == {"v1": 100} and list(state.versions) == ["v1"] and state.write_targets == ("v1",)
     assert "docs-v2" not in store.indices()
@@ -85,7 +84,10 @@ def test_airflow_dags_test_from_the_cli_rolls_out(dagbag, deployment):
     import json
     import subprocess
     import sys
-    conf = {"new_version": "v2", "weights": [50, 100], "step_interval_seconds": 1, "min_requests": 1}
+    # Few requests per 1 s step: a p99 over a handful of them is noise on a loaded machine, and this
+    # test is about the CLI path (the analysis has its own tests).
+    conf = {"new_version": "v2", "weights": [50, 100], "step_interval_seconds": 1, "min_requests": 1,
+            "max_p99_ratio": 20}
     with traffic(deployment) as record:
         result = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", "embedding_deploy_ramped",
                                  "-c", json.dumps(conf)], capture_output=True, text=True, timeout=600)

@@ -195,3 +195,26 @@ def test_lance_compacts_streaming_writes_in_the_background(tmp_path):
     fragments = store._table("docs").stats()["fragment_stats"]["num_fragments"]
     assert fragments < 30  # one fragment per write without compaction (60)
     assert store.count("docs") == 60 and store.get_many("docs", ["d59"])["d59"].seq == 1
+
+
+def test_repair_writes_only_what_the_target_lacks_or_holds_older_deletes_included(store, index):
+    from embedding_rollout.pipeline.indexing import repair_index
+    source = store.test_index()
+    store.create_index(source, DIMS, {"model_version": "v8"})
+    store.bulk_write(source, [doc(i, seq=5) for i in range(6)])
+    store.delete(source, "d5", 9)  # a delete the target missed
+    store.bulk_write(index, [doc(0, seq=5), doc(1, seq=3), doc(2, seq=7), doc(5, seq=5)])  # d3, d4 missed
+    embedded = []
+
+    def embed(texts):
+        embedded.extend(texts)
+        return np.stack([unit(len(embedded) + i) for i in range(len(texts))])
+
+    report = repair_index(store.scan(source, include_deleted=True), store, index, embed, batch_size=4)
+    assert report.checked == 6 and report.repaired == 4 and sorted(report.examples) == ["d1", "d3", "d4", "d5"]
+    assert len(embedded) == 3  # d1, d3, d4 re-embedded; the delete needs no vector
+    stored = store.get_many(index, [f"d{i}" for i in range(6)])
+    assert {d: (s.seq, s.deleted) for d, s in stored.items()} == {
+        "d0": (5, False), "d1": (5, False), "d2": (7, False), "d3": (5, False), "d4": (5, False), "d5": (9, True)}
+    again = repair_index(store.scan(source, include_deleted=True), store, index, embed)
+    assert again.repaired == 0 and len(embedded) == 3

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 SUCCESSFUL, FAILED, INCONCLUSIVE = "Successful", "Failed", "Inconclusive"
+# Counters of a version's failures the stable version absorbed, and the label naming that version.
+MISSES = {"embedding_app_fallbacks_total": "from_version", "embedding_app_write_misses_total": "model_version"}
 
 
 @dataclass
@@ -57,10 +59,10 @@ def parse_metrics(text: str, endpoint: str = "search") -> dict[str, VersionMetri
                 entry.requests += sample.value
                 if labels.get("status", "").startswith("5"):
                     entry.failures += sample.value
-            elif sample.name == "embedding_app_fallbacks_total":
-                # Served by the stable version because this one's generator failed: a failure of
-                # this version (and counted as a request of it, not only of the stable one).
-                entry = versions[labels["from_version"]]
+            elif sample.name in MISSES:
+                # Served by the stable version because this one's generator failed, or a write this
+                # version missed: a failure of this version (and counted as a request of it).
+                entry = versions[labels[MISSES[sample.name]]]
                 entry.requests += sample.value
                 entry.failures += sample.value
             elif (sample.name == "embedding_app_request_seconds_bucket" and labels.get("endpoint") == endpoint):

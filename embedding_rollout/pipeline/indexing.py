@@ -167,3 +167,31 @@ def verify_index(source: Iterable[StoredDocument], store: VectorStore, index: st
                     report.examples.append(doc.id)
         report.checked += len(batch)
     return report
+
+
+@dataclass
+class Repair:
+    checked: int = 0
+    repaired: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+def repair_index(source: Iterable[StoredDocument], store: VectorStore, index: str, embed: Embedder,
+                 batch_size: int = 256, sample_limit: int = 20) -> Repair:
+    """Write every source document (tombstones included) that ``index`` lacks or holds at an older
+    version: the writes a candidate version missed while it was a write target. Versioned writes
+    make it safe next to live traffic and safe to repeat."""
+    report = Repair()
+    for batch in batched(source, batch_size):
+        stored = store.get_many(index, [d.id for d in batch])
+        stale = [d for d in batch if d.id not in stored or stored[d.id].seq < d.seq]
+        if stale:
+            result = store.bulk_write(index, embed_batch(stale, embed))
+            if result.failed:
+                raise RuntimeError(f"repair of {index}: {len(result.failed)} writes failed, first: {result.failed[0]}")
+            report.repaired += result.written
+            report.examples.extend(d.id for d in stale[:max(sample_limit - len(report.examples), 0)])
+        report.checked += len(batch)
+    log.info("repair of %s: %d documents checked, %d brought up to date %s", index, report.checked,
+             report.repaired, report.examples[:5])
+    return report

@@ -113,7 +113,7 @@ class VectorStore(Protocol):
         """Live documents (tombstones not counted)."""
 
     def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False) -> Iterator[StoredDocument]:
-        """Every document (without vectors), memory bounded by the batch."""
+        """Every document (without vectors) written before the scan began, memory bounded by the batch."""
 
     def begin_bulk_load(self, index: str) -> None: ...
 

@@ -186,6 +186,9 @@ class ElasticsearchStore:
     def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False) -> Iterator[StoredDocument]:
         query = {"match_all": {}} if include_deleted else _LIVE
         try:
+            # A search sees what the last refresh made visible: refresh first, so that the scan
+            # includes every write acknowledged before it began (backfill, repair, verify rely on it).
+            self.client.indices.refresh(index=index)
             for hit in helpers.scan(self.client, index=index, query={"query": query}, size=batch_size,
                                     source_excludes=["vector"], scroll="2m"):
                 yield _document(hit["_id"], hit["_source"])

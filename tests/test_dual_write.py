@@ -1,0 +1,61 @@
+"""A candidate version's failure never fails the live system's writes: the stable version takes
+them, the candidate's misses are counted, and its index is repaired before it can become stable."""
+from __future__ import annotations
+
+import pytest
+import requests
+
+from embedding_rollout import steps
+from embedding_rollout.store import open_store
+from rollout_harness import LocalDeployment
+
+
+@pytest.fixture
+def deployment(tmp_path, model_repo, monkeypatch):
+    deployment = LocalDeployment(tmp_path / "home", model_repo, monkeypatch)
+    steps.deploy_version(deployment.settings, "v2", run_id="run-1")
+    steps.start_dual_write(deployment.settings, "v2")
+    steps.backfill(deployment.settings, "v2", "v1")
+    yield deployment
+    deployment.stop()
+
+
+DOC = {"title": "asyncio", "text": "a new event loop policy", "category": "Library", "date": "2023-01-01"}
+
+
+def test_writes_succeed_while_the_candidate_fails_and_promote_repairs_it(deployment):
+    url, store = deployment.app.url, open_store(deployment.settings)
+    victim = next(iter(store.scan("docs-v1"))).id
+    deployment.model_server.manager.set_fault_rate(2, 1.0)  # v2's generator fails every call
+    put = requests.put(f"{url}/documents/new-doc", json={**DOC, "version": 10**15})
+    delete = requests.delete(f"{url}/documents/{victim}", params={"version": 10**15})
+    assert put.status_code == delete.status_code == 200, (put.text, delete.text)
+    assert list(put.json()["missed"]) == ["v2"] and put.json()["applied"] == {"v1": True}
+    assert "injected failure" in put.json()["missed"]["v2"]
+    # A delete needs no generator: both versions take it.
+    assert delete.json()["applied"] == {"v1": True, "v2": True} and delete.json()["missed"] == {}
+    store = open_store(deployment.settings)  # a fresh reader sees the app's writes at once
+    assert store.get_many("docs-v1", ["new-doc"])["new-doc"].seq == 10**15
+    assert store.get_many("docs-v2", ["new-doc"]) == {}
+    metrics = requests.get(f"{url}/metrics").text
+    assert 'embedding_app_write_misses_total{model_version="v2"} 1.0' in metrics
+
+    with pytest.raises(Exception, match="injected failure"):  # still broken: it cannot be promoted
+        steps.promote(deployment.settings, "v2")
+    assert deployment.state.read().stable == "v1"
+
+    deployment.model_server.manager.set_fault_rate(2, 0.0)
+    assert steps.promote(deployment.settings, "v2").stable == "v2"
+    repaired = open_store(deployment.settings).get_many("docs-v2", ["new-doc", victim])
+    assert repaired["new-doc"].seq == 10**15 and not repaired["new-doc"].deleted
+    assert repaired[victim].deleted and repaired[victim].seq == 10**15
+    assert steps.verify_backfill(deployment.settings, "v2", "v1").complete
+
+
+def test_the_stable_versions_failure_fails_the_write_and_writes_nothing(deployment):
+    url = deployment.app.url
+    deployment.model_server.manager.set_fault_rate(1, 1.0)
+    put = requests.put(f"{url}/documents/lost-doc", json={**DOC, "version": 10**15})
+    assert put.status_code == 503 and "injected failure" in put.json()["detail"]
+    store = open_store(deployment.settings)
+    assert store.get_many("docs-v1", ["lost-doc"]) == {} == store.get_many("docs-v2", ["lost-doc"])
