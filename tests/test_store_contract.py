@@ -218,3 +218,43 @@ def test_repair_writes_only_what_the_target_lacks_or_holds_older_deletes_include
         "d0": (5, False), "d1": (5, False), "d2": (7, False), "d3": (5, False), "d4": (5, False), "d5": (9, True)}
     again = repair_index(store.scan(source, include_deleted=True), store, index, embed)
     assert again.repaired == 0 and len(embedded) == 3
+
+
+def test_lance_compaction_next_to_streaming_writes_neither_fails_nor_loses_a_write(tmp_path):
+    """Two processes' worth of handles: the app streams updates while a backfill step ends its load
+    (compaction rewrites the fragments those updates touch); Lance refuses one of two concurrent
+    commits, which must fail neither side."""
+    import threading
+
+    from embedding_rollout.store.lance import LanceStore
+    loader, app = LanceStore(str(tmp_path)), LanceStore(str(tmp_path))
+    loader.create_index("docs", DIMS, {"model_version": "v2"})
+    for start in range(0, 200, 20):  # many small fragments, as a load leaves them
+        loader.bulk_write("docs", [doc(i) for i in range(start, start + 20)])
+    stop, written, errors = threading.Event(), {}, []
+
+    def stream():
+        seq = 10
+        while not stop.is_set():
+            document = doc(seq % 200, seq=seq)
+            try:
+                app.upsert("docs", document)
+                written[document.id] = seq
+            except Exception as exc:  # noqa: BLE001 -- recorded, asserted below
+                errors.append(exc)
+            seq += 1
+
+    writer = threading.Thread(target=stream)
+    writer.start()
+    try:
+        for round_ in range(6):
+            loader.begin_bulk_load("docs")
+            for start in range(0, 200, 40):
+                loader.bulk_write("docs", [doc(i, seq=5 + round_) for i in range(start, start + 40, 3)])
+            loader.end_bulk_load("docs")
+    finally:
+        stop.set()
+        writer.join()
+    assert errors == [] and len(written) > 10
+    stored = LanceStore(str(tmp_path)).get_many("docs", sorted(written))
+    assert {d: stored[d].seq for d in written} == written

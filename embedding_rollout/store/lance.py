@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import lancedb
 import numpy as np
 import pyarrow as pa
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .base import (BulkResult, Filters, Hit, IndexNotFound, StoredDocument, StoreUnavailable, latest_per_id)
 
@@ -47,6 +48,10 @@ def filter_sql(filters: Filters) -> str:
     if filters.date_to:
         clauses.append(f"date <= {_quote(filters.date_to)}")
     return " AND ".join(clauses)
+
+
+def _commit_conflict(exc: BaseException) -> bool:
+    return "commit conflict" in str(exc).lower()
 
 
 class LanceStore:
@@ -133,11 +138,21 @@ class LanceStore:
 
     def _compact(self, index: str) -> None:
         try:
-            self._table(index).optimize(cleanup_older_than=dt.timedelta(minutes=1))
-        except Exception as exc:  # compaction is an optimisation: log, never fail a write for it
-            log.warning("compacting %s failed: %s", index, exc)
+            self._optimize(index)
         finally:
             self._compacting.release()
+
+    def _optimize(self, index: str) -> None:
+        """Fold small fragments and drop old versions. A concurrent write (a streaming update) makes
+        Lance refuse the rewrite with a retryable commit conflict: try again on the new version, and
+        since compaction is an optimisation, log rather than fail when it keeps losing."""
+        try:
+            for attempt in Retrying(retry=retry_if_exception(_commit_conflict), stop=stop_after_attempt(5),
+                                    wait=wait_exponential(multiplier=0.1, max=2), reraise=True):
+                with attempt:
+                    self._table(index).optimize(cleanup_older_than=dt.timedelta(minutes=1))
+        except Exception as exc:
+            log.warning("compacting %s failed: %s", index, exc)
 
     def delete(self, index: str, doc_id: str, seq: int) -> bool:
         return self.upsert(index, StoredDocument(doc_id, seq, deleted=True))
@@ -155,7 +170,7 @@ class LanceStore:
 
     def end_bulk_load(self, index: str) -> None:
         # Fold the many small versions a load makes into few files, and drop the old versions.
-        self._table(index).optimize(cleanup_older_than=dt.timedelta(minutes=1))
+        self._optimize(index)
 
     def purge_tombstones(self, index: str) -> int:
         table = self._table(index)
