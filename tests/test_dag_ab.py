@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import requests
@@ -17,16 +18,22 @@ def deployment(tmp_path, model_repo, monkeypatch):
     deployment.stop()
 
 
-def decide_when(deployment, script: dict[int, dict]):
-    """Send a decision (POST /rollout/decisions) each time v2 reaches a weight in ``script``."""
+def decide_when(deployment, script: dict[int, dict], ready=lambda: True):
+    """Send a decision (POST /rollout/decisions) each time v2 reaches a weight in ``script``, once
+    ``ready()`` (e.g. v2 has answered some traffic)."""
     sent = set()
+
+    def send(decision: dict) -> None:
+        deadline = time.monotonic() + 60
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        requests.post(f"{deployment.app.url}/rollout/decisions", json={"new_version": "v2", "by": "test", **decision})
 
     def on_weights(weights):
         weight = weights.get("v2")
         if weight in script and weight not in sent:
             sent.add(weight)
-            threading.Thread(target=requests.post, args=(f"{deployment.app.url}/rollout/decisions",),
-                             kwargs={"json": {"new_version": "v2", "by": "test", **script[weight]}}).start()
+            threading.Thread(target=send, args=(script[weight],)).start()
     return on_weights
 
 
@@ -50,7 +57,10 @@ def test_ab_rollback_leaves_v1_serving_with_its_index_unchanged(dagbag, deployme
     store = open_store(deployment.settings)
     v1_before = {d.id: d.seq for d in store.scan("docs-v1")}
     conf = {"new_version": "v2", "initial_weight": 20, "decision_source": "messages", "decision_timeout_seconds": 300}
-    with traffic(deployment, on_weights=decide_when(deployment, {20: {"action": "rollback"}})) as record:
+    seen = {}  # the traffic's record, once it runs: decide only after v2 has answered
+    v2_answered = lambda: any(r["version"] == "v2" for r in seen["record"].responses)  # noqa: E731
+    with traffic(deployment, on_weights=decide_when(deployment, {20: {"action": "rollback"}}, v2_answered)) as record:
+        seen["record"] = record
         run = dagbag.get_dag("embedding_deploy_ab").test(run_conf=conf)
     assert run.state == DagRunState.SUCCESS  # a decided rollback is a successful run of the experiment
     assert record.failures == []
