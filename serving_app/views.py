@@ -13,8 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from embedding_rollout.domain.decisions import InvalidDecision
 from embedding_rollout.domain.state import StateError
 from embedding_rollout.domain.traffic import InvalidWeights
-from embedding_rollout.domain.versions import parse_version
-from embedding_rollout.model.repository import catalogue, describe
+from embedding_rollout.model.repository import ModelNotFound, catalogue, find
 from embedding_rollout.pipeline.indexing import Checkpoint
 from embedding_rollout.steps import checkpoint_path
 from embedding_rollout.generator.client import VERSION_HEADER, GeneratorError, GeneratorUnavailable
@@ -151,18 +150,15 @@ def list_models():
 
 def get_model(version: str, artifact: str | None = None):
     settings = _ctx().settings
-    if artifact is None:
-        folder = settings.model_dir / str(parse_version(version))
-    else:
-        # Only what the step pods see too: the shared volumes, not the app's own filesystem.
-        folder = Path(artifact).resolve()
-        if not any(folder.is_relative_to(root.resolve()) for root in (settings.model_base, settings.home)):
-            return problem(400, "Bad Request", f"artifact {artifact} is not on a shared volume "
-                                               f"({settings.model_base} or {settings.home})")
-    model = describe(version, folder)
-    if model is None:
-        return problem(404, "Not Found", f"model artifact for {version} not found: {folder} has no saved_model.pb")
-    return model, 200, JSON
+    folder = None if artifact is None else Path(artifact).resolve()
+    # Only what the step pods see too: the shared volumes, not the app's own filesystem.
+    if folder and not any(folder.is_relative_to(root.resolve()) for root in (settings.model_base, settings.home)):
+        return problem(400, "Bad Request", f"artifact {artifact} is not on a shared volume "
+                                           f"({settings.model_base} or {settings.home})")
+    try:
+        return find(settings.model_dir, version, folder), 200, JSON
+    except ModelNotFound as exc:
+        return problem(404, "Not Found", str(exc))
 
 
 def healthz():

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..domain.versions import version_label
+from ..domain.versions import parse_version, version_label
+
+
+class ModelNotFound(LookupError):
+    pass
 
 
 def available_versions(model_dir: Path) -> list[int]:
@@ -43,3 +47,12 @@ def describe(version: str, folder: Path) -> dict | None:
 def catalogue(model_dir: Path) -> list[dict]:
     """Every version in the repository, oldest first."""
     return [describe(version_label(n), model_dir / str(n)) for n in available_versions(model_dir)]
+
+
+def find(model_dir: Path, version: str, artifact: str | Path | None = None) -> dict:
+    """The version's SavedModel: at ``artifact``, else in the repository."""
+    folder = Path(artifact) if artifact else model_dir / str(parse_version(version))
+    model = describe(version, folder)
+    if model is None:
+        raise ModelNotFound(f"model artifact for {version} not found: {folder} has no saved_model.pb")
+    return model

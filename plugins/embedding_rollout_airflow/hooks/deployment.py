@@ -3,15 +3,13 @@ operator API (kubernetes runtime: the file lives on a volume in the app's namesp
 in Airflow's namespace cannot mount)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import requests
 from airflow.sdk import BaseHook
 
 from embedding_rollout.config import Settings
 from embedding_rollout.domain.state import DeploymentState, StateFile
-from embedding_rollout.domain.versions import parse_version
-from embedding_rollout.model.repository import catalogue, describe
+from embedding_rollout.model.repository import ModelNotFound, catalogue, find
 from embedding_rollout.pipeline.indexing import Checkpoint
 from embedding_rollout.steps import checkpoint_path
 
@@ -41,11 +39,10 @@ class LocalDeploymentHook(BaseHook):
 
     def model(self, version: str, artifact: str | None = None) -> dict:
         """The version's SavedModel (in the repository, or at ``artifact``)."""
-        folder = Path(artifact) if artifact else self.settings.model_dir / str(parse_version(version))
-        model = describe(version, folder)
-        if model is None:
-            raise DeploymentStateError(f"model artifact for {version} not found: {folder} has no saved_model.pb")
-        return model
+        try:
+            return find(self.settings.model_dir, version, artifact)
+        except ModelNotFound as exc:
+            raise DeploymentStateError(str(exc)) from exc
 
 
 class AppDeploymentHook(BaseHook):
