@@ -126,16 +126,20 @@ def up(settings: Settings, host, port, rest_port, grpc_port):
 
 @main.command()
 @click.option("--step-percent", default=25, show_default=True, type=click.IntRange(1, 100))
-@click.option("--interval", default=5, show_default=True, type=click.IntRange(0, 3600),
+@click.option("--interval", default=15, show_default=True, type=click.IntRange(0, 3600),
               help="Seconds between ramp steps.")
 @click.option("--port", default=8080, show_default=True, type=int,
               help="The app's port; the model server takes the next two (REST, gRPC).")
-@click.option("--verbose", is_flag=True, help="Show Airflow's task logs.")
+@click.option("--airflow-port", default=8088, show_default=True, type=int, help="Airflow's UI and REST API.")
+@click.option("--fast", is_flag=True, help="Run the DAG in this process with dag.test() (no scheduler, no UI).")
+@click.option("--keep-running", is_flag=True, help="Keep the app and Airflow up afterwards, until Ctrl-C.")
+@click.option("--verbose", is_flag=True, help="Show Airflow's task logs (with --fast).")
 @click.pass_obj
-def demo(settings: Settings, step_percent, interval, port, verbose):
-    """The main job: a local zero-downtime rollout of the next version through Airflow, with live traffic."""
+def demo(settings: Settings, step_percent, interval, port, airflow_port, fast, keep_running, verbose):
+    """The main job: a local zero-downtime rollout of the next version through Airflow's scheduler,
+    with live traffic; prints the Airflow UI's address and login to watch it."""
     from .demo import run_demo
-    sys.exit(0 if run_demo(settings, step_percent, interval, port, verbose) else 1)
+    sys.exit(0 if run_demo(settings, step_percent, interval, port, airflow_port, verbose, fast, keep_running) else 1)
 
 
 # -- generator -------------------------------------------------------------------------------
@@ -285,14 +289,19 @@ def index_purge(settings: Settings, version):
     click.echo(open_store(settings).purge_tombstones(settings.index_name(version)))
 
 
-@main.group()
-def state():
-    """Show or change the deployment state (live versions, weights, write targets)."""
+@main.group(invoke_without_command=True)
+@click.pass_context
+def state(ctx):
+    """Show (with no sub-command) or change the deployment state: live versions, weights, write
+    targets, and the latest rollout's progress."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(state_show)
 
 
 @state.command("show")
 @click.pass_obj
 def state_show(settings: Settings):
+    """The deployment state as JSON."""
     from .steps import state_file
     _print(state_file(settings).read().to_json())
 
@@ -312,12 +321,65 @@ def state_set_weights(settings: Settings, weights):
 
 @main.command()
 @VERSION
+@click.option("--run-id", default=None, help="The rollout run promoting it (its rollout's promote transition).")
 @click.pass_obj
-def promote(settings: Settings, version):
+def promote(settings: Settings, version, run_id):
     """Make the version the stable one (fallback and default current version), after repairing its
     index from the stable version's and verifying it."""
     from .steps import promote as run
-    _print(run(settings, version).to_json())
+    _print(run(settings, version, run_id=run_id).to_json())
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def rollout(ctx):
+    """The latest rollout's progress (with no sub-command), and ending one by hand."""
+    if ctx.invoked_subcommand is None:
+        from .steps import state_file
+        current = state_file(ctx.obj).read().rollout
+        click.echo(current.describe() if current else "no rollout has begun on this deployment")
+        if current:
+            _print(current.to_json())
+
+
+RUN_ID = click.option("--run-id", required=True, help="The Airflow run that holds the rollout.")
+
+
+@rollout.command("abort")
+@RUN_ID
+@click.option("--reason", default="aborted by hand", show_default=True)
+@click.pass_obj
+def rollout_abort(settings: Settings, run_id, reason):
+    """Abort a rollout: its tasks stop changing the weights, and its run rolls back (Argo's abort)."""
+    from .domain.rollout import RolloutError
+    from .steps import change_rollout
+    try:
+        click.echo(change_rollout(settings, "abort", run_id, reason=reason).rollout.describe())
+    except RolloutError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@rollout.command("finish")
+@RUN_ID
+@click.pass_obj
+def rollout_finish(settings: Settings, run_id):
+    """Remove the version a concluded rollout leaves behind and release the deployment (idempotent)."""
+    from .steps import finish_rollout
+    state = finish_rollout(settings, run_id)
+    click.echo(state.rollout.describe() if state.rollout else "no rollout")
+
+
+@main.command()
+@VERSION
+@click.option("--reason", required=True, help="Why the candidate is refused (recorded with it).")
+@click.pass_obj
+def refuse(settings: Settings, version, reason):
+    """Mark a trained candidate refused: it stays in the repository for inspection, is never deployed,
+    and its version number is not reused."""
+    import time
+
+    from .model.repository import mark_refused
+    _print({version: mark_refused(settings.model_dir, version, reason, time.time())})
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import requests
@@ -23,8 +24,10 @@ class TrafficRecord:
     responses: list[dict] = field(default_factory=list)   # at, version, query, top hit
     failures: list[str] = field(default_factory=list)
     weights_seen: list[dict] = field(default_factory=list)
+    weights_at: list[float] = field(default_factory=list)  # when each of weights_seen was first seen
     written: dict[str, int] = field(default_factory=dict)  # doc id -> seq, live
     deleted: dict[str, int] = field(default_factory=dict)  # doc id -> seq of the delete
+    missed: dict[str, list[str]] = field(default_factory=dict)  # doc id -> versions that missed its write
 
     def per_version_over_time(self, bucket_seconds: float = 5.0) -> dict[int, dict[str, int]]:
         buckets: dict[int, dict[str, int]] = {}
@@ -37,8 +40,13 @@ class TrafficRecord:
 class Traffic:
     """Context manager: searches (sticky by user) and, every fifth request, a write or a delete."""
 
-    def __init__(self, app_url: str, read_weights, seed: int = 3, on_weights=None, pause: float = 0.01):
+    def __init__(self, app_url: str, read_weights, seed: int = 3, on_weights=None, pause: float = 0.01,
+                 version: str | None = None):
+        """``version``: every search asks for it (``x-model-version``), whatever the weights."""
         self.app_url, self.read_weights, self.on_weights = app_url, read_weights, on_weights
+        self.version = version
+        # Document versions in microseconds since the epoch, as the app's own; ids unique per session.
+        self.first_seq, self.tag = time.time_ns() // 1_000, uuid.uuid4().hex[:8]
         self.rng, self.pause = random.Random(seed), pause
         self.record, self._stop = TrafficRecord(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
@@ -59,6 +67,7 @@ class Traffic:
             weights = self.read_weights()
             if not self.record.weights_seen or self.record.weights_seen[-1] != weights:
                 self.record.weights_seen.append(dict(weights))
+                self.record.weights_at.append(time.time())
                 if self.on_weights:
                     self.on_weights(weights)
             try:
@@ -69,8 +78,9 @@ class Traffic:
 
     def _search(self, n: int) -> None:
         query = self.rng.choice(QUERIES)
-        reply = self.session.post(f"{self.app_url}/search", json={"query": query, "k": 3},
-                                  headers={"x-user-id": f"user-{n % 50}"}, timeout=10)
+        headers = {"x-user-id": f"user-{n % 50}", **({"x-model-version": self.version} if self.version else {})}
+        reply = self.session.post(f"{self.app_url}/search", json={"query": query, "k": 3}, headers=headers,
+                                  timeout=10)
         if reply.status_code != 200:
             self.record.failures.append(f"search {reply.status_code}: {reply.text[:200]}")
             return
@@ -82,7 +92,7 @@ class Traffic:
                                       "version": body["model_version"], "query": query, "top": top})
 
     def _write(self, n: int) -> None:
-        seq = 1_000_000 + n
+        seq = self.first_seq + n  # newer than any earlier session's writes, as real updates are
         if n % 15 == 0 and self.record.written:
             doc_id = self.rng.choice(sorted(self.record.written))
             reply = self.session.delete(f"{self.app_url}/documents/{doc_id}", params={"version": seq}, timeout=10)
@@ -90,7 +100,7 @@ class Traffic:
                 self.record.written.pop(doc_id)
                 self.record.deleted[doc_id] = seq
         else:
-            doc_id = f"stream-{n}"
+            doc_id = f"stream-{self.tag}-{n}"
             reply = self.session.put(f"{self.app_url}/documents/{doc_id}", timeout=10, json={
                 "title": f"Streaming update {n}", "text": f"Live change number {n} during the rollout.",
                 "category": "Library", "date": "2024-06-01", "version": seq})
@@ -98,6 +108,8 @@ class Traffic:
                 self.record.written[doc_id] = seq
         if reply.status_code != 200:
             self.record.failures.append(f"write {reply.status_code}: {reply.text[:200]}")
+        elif reply.json().get("missed"):
+            self.record.missed[doc_id] = sorted(reply.json()["missed"])
 
 
 def verify_consistency(record: TrafficRecord, model_dir, sample: int = 40) -> tuple[int, list[str]]:

@@ -30,6 +30,10 @@ class Window:
     clicks: dict[str, tuple[float, float]]  # version -> (clicks, impressions)
 
 
+class MetricsUnavailable(RuntimeError):
+    """The metrics could not be read (a transient failure of the source, not of a version)."""
+
+
 class MetricsSource(Protocol):
     def mark(self) -> dict: ...
 
@@ -41,8 +45,11 @@ class AppScrape:
         self.url, self.timeout = f"{app_url.rstrip('/')}/metrics", timeout
 
     def _scrape(self) -> str:
-        reply = requests.get(self.url, timeout=self.timeout)
-        reply.raise_for_status()
+        try:
+            reply = requests.get(self.url, timeout=self.timeout)
+            reply.raise_for_status()
+        except requests.RequestException as exc:
+            raise MetricsUnavailable(f"GET {self.url}: {exc}") from exc
         return reply.text
 
     def mark(self) -> dict:
@@ -55,7 +62,7 @@ class AppScrape:
         return Window(window(parse_metrics(mark["metrics"]), parse_metrics(text)), clicks)
 
 
-class PrometheusError(RuntimeError):
+class PrometheusError(MetricsUnavailable):
     pass
 
 
@@ -73,7 +80,10 @@ class PrometheusQuery:
         self.scrape_interval = scrape_interval
 
     def _query(self, promql: str) -> list[tuple[dict, float]]:
-        reply = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout)
+        try:
+            reply = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise PrometheusError(f"{promql}: {exc}") from exc
         body = reply.json() if reply.headers.get("content-type", "").startswith("application/json") else {}
         if reply.status_code != 200 or body.get("status") != "success":
             raise PrometheusError(f"{promql}: {reply.status_code} {body.get('error') or reply.text[:200]}")

@@ -56,10 +56,16 @@ class EmbeddingService:
     def state(self) -> DeploymentState:
         return self.state_file.read()
 
-    def set_weights(self, weights: dict[str, int]) -> DeploymentState:
-        """The router's split; the versions listed become the live ones."""
+    def set_weights(self, weights: dict[str, int], run_id: str | None = None,
+                    step: int | None = None) -> DeploymentState:
+        """The router's split; the versions listed become the live ones. ``run_id`` (and ``step``):
+        a rollout task's change, applied only while its rollout (and step) allows it."""
         weights = validate_weights(weights)
-        return self.state_file.update(lambda s: s.with_weights(weights))
+        return self.state_file.update(lambda s: s.with_weights(weights, run_id, step))
+
+    def change_rollout(self, transition: str, run_id: str, **arguments) -> DeploymentState:
+        now = time.time()
+        return self.state_file.update(lambda s: s.change_rollout(transition, run_id, now, **arguments))
 
     def generator(self, spec: VersionSpec):
         """A client per version spec; a changed spec (new address) gets a new client."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from .config import Settings
+from .domain.rollout import ABORTED, PROMOTED, RolloutError
 from .domain.state import DeploymentState, StateFile, VersionSpec
 from .domain.traffic import validate_weights
 from .domain.versions import parse_version
@@ -154,10 +156,10 @@ def set_weights(settings: Settings, weights: dict[str, int]) -> DeploymentState:
     return state_file(settings).update(lambda s: s.with_weights(weights))
 
 
-def promote(settings: Settings, version: str, passes: int = 5) -> DeploymentState:
+def promote(settings: Settings, version: str, passes: int = 5, run_id: str | None = None) -> DeploymentState:
     """Make ``version`` the stable one (after it took all the traffic), once its index holds every
     write the stable version took: repaired, then verified (a write in flight between the two may
-    need another pass)."""
+    need another pass). With ``run_id``, as that run's rollout's ``promote`` transition."""
     state = state_file(settings).read()
     stable = state.stable
     if stable and stable != version and {stable, version} <= set(state.write_targets):
@@ -171,7 +173,33 @@ def promote(settings: Settings, version: str, passes: int = 5) -> DeploymentStat
         else:
             raise RuntimeError(f"{version} does not hold every write of {stable} after {passes} repair passes "
                                f"(e.g. {report.examples[:5]}): not promoted")
-    return state_file(settings).update(lambda s: s.with_stable(version))
+    if run_id is None:
+        return state_file(settings).update(lambda s: s.with_stable(version))
+    return change_rollout(settings, "promote", run_id)
+
+
+def change_rollout(settings: Settings, transition: str, run_id: str, **arguments) -> DeploymentState:
+    """A transition of the rollout that ``run_id`` holds (``DeploymentState.change_rollout``)."""
+    now = time.time()
+    return state_file(settings).update(lambda s: s.change_rollout(transition, run_id, now, **arguments))
+
+
+def finish_rollout(settings: Settings, run_id: str) -> DeploymentState:
+    """The end of a concluded rollout: remove the version it leaves behind (the old one after a
+    promotion, the new one after an abort, whose traffic the rollback already took away), then
+    release the deployment. Idempotent: a finished rollout, or another run's, is left alone."""
+    state = state_file(settings).read()
+    rollout = state.rollout
+    if rollout is None or rollout.run_id != run_id or not rollout.active:
+        log.info("nothing to finish for run %s: %s", run_id, rollout.describe() if rollout else "no rollout")
+        return state
+    if rollout.phase not in (PROMOTED, ABORTED):
+        raise RolloutError(f"{rollout.describe()}: promote or abort it before finishing")
+    leftover = rollout.current if rollout.phase == PROMOTED else rollout.new
+    remove_version(settings, leftover)
+    finished = change_rollout(settings, "finish", run_id)
+    log.info("%s", finished.rollout.describe())
+    return finished
 
 
 def remove_version(settings: Settings, version: str) -> DeploymentState:

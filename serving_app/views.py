@@ -1,6 +1,7 @@
 """Thin HTTP views: parse, pick the version, call the service, shape the response."""
 from __future__ import annotations
 
+import logging
 import time
 from functools import wraps
 from pathlib import Path
@@ -11,6 +12,7 @@ from flask import Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from embedding_rollout.domain.decisions import InvalidDecision
+from embedding_rollout.domain.rollout import RolloutError
 from embedding_rollout.domain.state import StateError
 from embedding_rollout.domain.traffic import InvalidWeights
 from embedding_rollout.model.repository import ModelNotFound, catalogue, find
@@ -19,6 +21,7 @@ from embedding_rollout.steps import checkpoint_path
 from embedding_rollout.generator.client import VERSION_HEADER, GeneratorError, GeneratorUnavailable
 from embedding_rollout.store.base import Filters, IndexNotFound, InvalidFilter, StoreUnavailable
 
+log = logging.getLogger(__name__)
 USER_HEADER, USER_COOKIE = "x-user-id", "uid"
 JSON = {"Content-Type": "application/json"}  # operations also declare problem+json: say which
 
@@ -55,6 +58,10 @@ def observed(endpoint: str):
                 status, title = next((s, t) for e, s, t in _FAILURES if isinstance(exc, e))
                 metrics.errors.labels(cause=type(exc).__name__, **labels).inc()
                 body, status, headers = problem(status, title, str(exc))
+            except Exception as exc:  # a bug: still a 5xx of this version, so the analysis sees it
+                log.exception("%s failed unexpectedly (model version %s)", endpoint, labels["model_version"])
+                metrics.errors.labels(cause=type(exc).__name__, **labels).inc()
+                body, status, headers = problem(500, "Internal Server Error", f"unexpected {type(exc).__name__}")
             metrics.requests.labels(status=str(status), **labels).inc()
             metrics.latency.labels(**labels).observe(time.perf_counter() - started)
             return body, status, headers
@@ -126,11 +133,28 @@ def deployment():
 
 
 def set_weights(body: dict):
+    guard = body.get("rollout") or {}
     try:
-        state = _ctx().service.set_weights(body["weights"])
+        state = _ctx().service.set_weights(body["weights"], guard.get("run_id"), guard.get("step"))
     except InvalidWeights as exc:
         return problem(400, "Bad Request", str(exc))
-    except StateError as exc:
+    except (StateError, RolloutError) as exc:
+        return problem(409, "Conflict", str(exc))
+    return state.to_json(), 200, JSON
+
+
+def get_rollout():
+    rollout = _ctx().service.state().rollout
+    if rollout is None:
+        return problem(404, "Not Found", "no rollout has begun on this deployment")
+    return rollout.to_json(), 200, JSON
+
+
+def change_rollout(body: dict):
+    arguments = {k: body[k] for k in ("step", "reason", "by", "rollout") if k in body}
+    try:
+        state = _ctx().service.change_rollout(body["transition"], body["run_id"], **arguments)
+    except (StateError, RolloutError) as exc:
         return problem(409, "Conflict", str(exc))
     return state.to_json(), 200, JSON
 

@@ -124,3 +124,30 @@ def dagbag(airflow_db):
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     return bag
+
+
+@pytest.fixture(scope="session")
+def live_airflow(tmp_path_factory, model_repo):
+    """Airflow's real components over one local deployment, for every test that runs a DAG the way
+    users do (through the REST API). The deployment carries over from test to test: each rolls out
+    from whatever version the last one left serving."""
+    from embedding_rollout.airflow_stack import free_port
+    from airflow_harness import start_live_airflow
+    with pytest.MonkeyPatch.context() as env:
+        live = start_live_airflow(tmp_path_factory.mktemp("live"), model_repo, env, free_port())
+        try:
+            yield live
+        finally:
+            live.airflow.stop()
+            live.deployment.stop()
+
+
+@pytest.fixture
+def live(live_airflow):
+    """The live Airflow, checked idle first: no rollout holds the deployment, one version serves."""
+    state = live_airflow.state()
+    assert state.rollout is None or not state.rollout.active, state.rollout.describe()
+    assert len(state.versions) == 1 and list(state.weights.values()) == [100], state.to_json()
+    yield live_airflow
+    for number in (1, 2, 3, 4, 5):
+        live_airflow.deployment.model_server.manager.set_fault_rate(number, 0.0)

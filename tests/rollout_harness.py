@@ -13,7 +13,9 @@ from serving_app import AppServer, create_app
 
 
 class LocalDeployment:
-    """ER_* settings in os.environ (step commands inherit them), servers on ephemeral ports."""
+    """ER_* settings in os.environ (step commands inherit them; ``env`` holds them for processes
+    started elsewhere, e.g. Airflow's), servers on ephemeral ports. ``monkeypatch`` (or anything with
+    its ``setenv``) undoes the environment afterwards."""
 
     def __init__(self, home, model_repo, monkeypatch):
         models = home / "models" / "embedder"
@@ -22,11 +24,11 @@ class LocalDeployment:
         manager = ModelManager("embedder", models)
         manager.serve([1])
         self.model_server = ModelServer(manager, rest_port=0, grpc_port=0).start()
-        env = {"ER_HOME": str(home), "ER_STORE": "lance",
-               "ER_GENERATOR_GRPC": f"127.0.0.1:{self.model_server.grpc_port}",
-               "ER_GENERATOR_REST": f"http://127.0.0.1:{self.model_server.rest_port}",
-               "ER_AIRFLOW_RUNTIME": "local"}
-        for key, value in env.items():
+        self.env = {"ER_HOME": str(home), "ER_STORE": "lance",
+                    "ER_GENERATOR_GRPC": f"127.0.0.1:{self.model_server.grpc_port}",
+                    "ER_GENERATOR_REST": f"http://127.0.0.1:{self.model_server.rest_port}",
+                    "ER_AIRFLOW_RUNTIME": "local"}
+        for key, value in self.env.items():
             monkeypatch.setenv(key, value)
         self.settings = Settings()
         steps.deploy_version(self.settings, "v1", run_id="bootstrap")
@@ -34,6 +36,7 @@ class LocalDeployment:
         steps.start_dual_write(self.settings, "v1")
         steps.set_weights(self.settings, {"v1": 100})
         self.app = AppServer(create_app(self.settings)).start()
+        self.env["ER_APP_URL"] = self.app.url
         monkeypatch.setenv("ER_APP_URL", self.app.url)
         self.state = StateFile(self.settings.state_path)
 

@@ -55,6 +55,38 @@ def test_slow_p99_fails_the_analysis():
     assert verdict.status == FAILED and "p99" in verdict.reason
 
 
+def test_the_baseline_needs_a_minimum_sample_too():
+    """A p99 over 3 stable requests is noise: nothing is compared (the run that saw 775 ms vs 100 ms)."""
+    metrics = AppMetrics()
+    traffic(metrics, "v1", 3, 0, 0.1)
+    traffic(metrics, "v2", 200, 0, 0.775)
+    verdict = judge(snapshot(metrics), "v2", "v1", Thresholds())
+    assert verdict.status == INCONCLUSIVE and "v1 (the baseline) served 3 requests" in verdict.reason
+    # At 100 % the stable version gets no traffic by design: only the new version's own errors count.
+    assert judge(snapshot(metrics), "v2", "v1", Thresholds(), stable_weight=0).status == SUCCESSFUL
+
+
+def test_p99_is_compared_only_with_enough_requests_on_both_sides():
+    metrics = AppMetrics()
+    traffic(metrics, "v1", 60, 0, 0.02)
+    traffic(metrics, "v2", 60, 0, 0.4)
+    few = judge(snapshot(metrics), "v2", "v1", Thresholds(min_requests_p99=100))
+    assert few.status == SUCCESSFUL and "p99 not compared" in few.reason
+    assert judge(snapshot(metrics), "v2", "v1", Thresholds(min_requests_p99=50)).status == FAILED
+
+
+def test_a_new_version_with_no_traffic_is_inconclusive_never_successful():
+    metrics = AppMetrics()
+    traffic(metrics, "v1", 500, 0, 0.02)
+    verdict = judge(snapshot(metrics), "v2", "v1", Thresholds())
+    assert verdict.status == INCONCLUSIVE and "v2 served 0 requests" in verdict.reason
+
+
+def test_thresholds_from_a_dag_conf_ignore_unknown_and_empty_keys():
+    limits = Thresholds.from_conf({"max_error_rate": 0.1, "min_requests": None, "step_percent": 25})
+    assert limits == Thresholds(max_error_rate=0.1)
+
+
 def test_two_proportion_test():
     assert two_proportion_p_value(30, 1000, 60, 1000) < 0.01      # clearly worse
     assert two_proportion_p_value(60, 1000, 30, 1000) > 0.99      # clearly better

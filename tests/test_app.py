@@ -258,3 +258,69 @@ def test_decisions_and_feedback_endpoints(deployment):
     unknown = requests.post(f"{url}/feedback", json={"model_version": "v9", "clicked": False})
     assert unknown.status_code == 400 and "v9" in unknown.json()["detail"]
     assert 'embedding_app_feedback_total{clicked="true",model_version="v2"}' in requests.get(f"{url}/metrics").text
+
+
+class _BuggyService(EmbeddingService):
+    def search(self, *args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+
+def test_an_unexpected_error_is_a_counted_5xx_that_fails_the_analysis(model_server, tmp_path):
+    """Every 5xx the app answers counts against its version, not only the failures it expects."""
+    from embedding_rollout.domain.analysis import FAILED, Thresholds, judge, parse_metrics
+    from embedding_rollout.store.lance import LanceStore
+    state = StateFile(tmp_path / "state.json")
+    for version in ("v1", "v2"):
+        spec = spec_for(model_server, version, f"docs-{version}")
+        state.update(lambda s, spec=spec: s.with_version(spec).with_write_target(spec.name))
+    state.update(lambda s: s.with_weights({"v1": 50, "v2": 50}))
+    server = AppServer(create_app(service=_BuggyService(state, LanceStore(str(tmp_path / "lance"))))).start()
+    try:
+        replies = [post_search(server.url, {"query": "x"}, **{"x-model-version": "v2"}) for _ in range(25)]
+        assert {r.status_code for r in replies} == {500}
+        assert replies[0].headers["content-type"] == "application/problem+json"
+        assert "ZeroDivisionError" in replies[0].json()["detail"] and "a bug" not in replies[0].text
+        metrics = parse_metrics(requests.get(f"{server.url}/metrics").text)
+    finally:
+        server.stop()
+    assert metrics["v2"].failures == 25
+    assert judge(metrics, "v2", "v1", Thresholds(min_requests=20), stable_weight=0).status == FAILED
+
+
+@pytest.fixture
+def operator_app(model_server, tmp_path):
+    """An app over a deployment with v1 live and v2 deployed, for the operator endpoints."""
+    from embedding_rollout.store.lance import LanceStore
+    state = StateFile(tmp_path / "state.json")
+    for version in ("v1", "v2"):
+        spec = spec_for(model_server, version, f"docs-{version}")
+        state.update(lambda s, spec=spec: s.with_version(spec).with_write_target(spec.name))
+    state.update(lambda s: s.with_weights({"v1": 100}))
+    server = AppServer(create_app(service=EmbeddingService(state, LanceStore(str(tmp_path / "lance"))))).start()
+    yield server.url, state
+    server.stop()
+
+
+def test_the_rollout_endpoints_apply_only_legal_transitions(operator_app):
+    url, state = operator_app
+
+    def change(**body):
+        return requests.post(f"{url}/deployment/rollout", json=body, timeout=10)
+
+    assert requests.get(f"{url}/deployment/rollout").status_code == 404
+    rollout = {"new": "v2", "current": "v1", "strategy": "ramped", "plan": [50, 100], "owner": "ramped"}
+    begun = change(transition="begin", run_id="r1", rollout=rollout)
+    assert begun.status_code == 200 and begun.json()["rollout"]["phase"] == "Progressing"
+    refused = change(transition="begin", run_id="r2", rollout=rollout)
+    assert refused.status_code == 409 and "another rollout holds the deployment" in refused.json()["detail"]
+    assert change(transition="start_step", run_id="r1").status_code == 409  # names the missing step
+    assert change(transition="start_step", run_id="r1", step=0).json()["rollout"]["step_started_at"]
+    guard = {"weights": {"v1": 50, "v2": 50}, "rollout": {"run_id": "r1", "step": 0}}
+    assert requests.put(f"{url}/deployment/weights", json=guard).status_code == 200
+    assert change(transition="abort", run_id="r1", reason="analysis failed").status_code == 200
+    late = requests.put(f"{url}/deployment/weights", json={**guard, "weights": {"v1": 0, "v2": 100}})
+    assert late.status_code == 409 and "Aborted" in late.json()["detail"]
+    assert state.read().weights == {"v1": 50, "v2": 50}  # the refused change changed nothing
+    assert requests.get(f"{url}/deployment/rollout").json()["message"] == "analysis failed"
+    bad = change(transition="jump", run_id="r1")
+    assert bad.status_code == 400 and "transition" in bad.json()["detail"]

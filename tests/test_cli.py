@@ -25,7 +25,8 @@ def test_every_command_has_help(path):
 def test_the_expected_commands_exist():
     names = {" ".join(p) for p in all_commands(main)}
     assert {"train", "serve", "app", "up", "demo", "deploy", "dual-write", "index load", "index verify",
-            "index repair", "state set-weights", "promote", "remove", "generator load"} <= names
+            "index repair", "state set-weights", "promote", "remove", "generator load", "rollout abort",
+            "rollout finish", "refuse"} <= names
 
 
 @pytest.mark.parametrize("args,message", [
@@ -77,3 +78,21 @@ def test_generator_commands_load_report_and_unload_versions(model_repo, monkeypa
         assert json.loads(run("status")) == {"v1": "END", "v2": "AVAILABLE"}  # as TF Serving reports it
     finally:
         server.stop()
+
+
+def test_state_and_rollout_show_without_a_sub_command(tmp_path, monkeypatch):
+    from embedding_rollout.domain.state import StateFile, VersionSpec
+    monkeypatch.setenv("ER_HOME", str(tmp_path))
+    state = StateFile(tmp_path / "state.json")
+    state.update(lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_weights({"v1": 100}))
+    shown = CliRunner().invoke(main, ["state"])
+    assert shown.exit_code == 0 and '"weights": {\n    "v1": 100' in shown.output, shown.output
+    assert "no rollout has begun" in CliRunner().invoke(main, ["rollout"]).output
+    state.update(lambda s: s.change_rollout("begin", "run-7", 1.0, rollout={"new": "v2", "current": "v1",
+                                                                            "plan": [100], "owner": "ramped"}))
+    described = CliRunner().invoke(main, ["rollout"]).output
+    assert "rollout of v2 over v1 by ramped run-7 (step 1 of 1): Progressing" in described
+    aborted = CliRunner().invoke(main, ["rollout", "abort", "--run-id", "run-7", "--reason", "by hand"])
+    assert aborted.exit_code == 0 and "Aborted - by hand" in aborted.output
+    refused = CliRunner().invoke(main, ["rollout", "abort", "--run-id", "run-8"])
+    assert refused.exit_code == 1 and "run run-8 does not hold the deployment" in refused.output

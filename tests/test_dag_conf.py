@@ -78,10 +78,39 @@ def test_a_refused_conf_changes_nothing_and_rolls_nothing_back(ramped, home):
     run = ramped.test(run_conf={"new_version": "v2", "current_version": "v9"})
     assert run.state == DagRunState.FAILED
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["validate_conf"] == TaskInstanceState.FAILED
+    assert states["begin_rollout"] == TaskInstanceState.FAILED
     assert states["deploy_new_version"] == TaskInstanceState.UPSTREAM_FAILED
-    assert states["guarded_rollback"] == TaskInstanceState.SKIPPED
+    # The setup failed, so the teardowns that would roll back do not run: nothing was taken.
+    assert states["conclude_rollout"] != TaskInstanceState.SUCCESS
     assert (home / "state.json").read_bytes() == before
+
+
+def test_a_refused_model_cannot_be_rolled_out(home):
+    from embedding_rollout.model.repository import mark_refused
+    (home / "models" / "embedder" / "2" / "assets.extra").mkdir()
+    mark_refused(home / "models" / "embedder", "v2", "recall@10 0.41 <= v1 0.41 + min_improvement 0.01", 1.0)
+    with pytest.raises(InvalidConf, match="model v2 was refused: recall@10 0.41"):
+        resolve_conf(BASE, LocalDeploymentHook())
+
+
+def test_every_dag_parses_and_documents_itself(dagbag):
+    assert {"embedding_deploy_ramped", "embedding_deploy_ab", "embedding_retrain_deploy"} <= set(dagbag.dag_ids)
+    for dag_id in dagbag.dag_ids:
+        assert dagbag.get_dag(dag_id).doc_md
+
+
+def test_the_rollout_tasks_run_inside_one_setup_teardown_scope(dagbag):
+    """Whatever ends a run, the teardowns run (Airflow leaves them to run even when a person marks
+    the run failed), and only the verdict decides the run's state."""
+    for dag_id in ("embedding_deploy_ramped", "embedding_deploy_ab"):
+        dag = dagbag.get_dag(dag_id)
+        setup = dag.get_task("begin_rollout")
+        teardowns = {t.task_id for t in dag.tasks if t.is_teardown}
+        assert setup.is_setup and teardowns == {"conclude_rollout", "finish_rollout", "rollout_outcome"}
+        work = {t.task_id for t in dag.tasks} - teardowns - {"begin_rollout"}
+        assert work <= {t.task_id for t in setup.get_flat_relatives(upstream=False)}
+        assert work <= {t.task_id for t in dag.get_task("conclude_rollout").get_flat_relatives(upstream=True)}
+        assert [t.task_id for t in dag.tasks if t.is_teardown and t.on_failure_fail_dagrun] == ["rollout_outcome"]
 
 
 def test_airflow_cli_parses_and_refuses_bad_conf(airflow_db, home):

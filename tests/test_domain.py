@@ -154,3 +154,99 @@ def test_a_reader_sees_another_writers_change_at_once(state_file):
     while reader.read().weights != {"v1": 40, "v2": 60}:
         assert time.monotonic() - started < 1.0
     assert reader.read().revision == 2
+
+
+# -- the rollout's progress ----------------------------------------------------------------------
+from embedding_rollout.domain.rollout import (ABORTED, PAUSED, PROMOTED, ROLLED_BACK, SUCCEEDED,  # noqa: E402
+                                              RolloutError, RolloutInProgress)
+
+
+def two_versions() -> DeploymentState:
+    return (DeploymentState().with_version(VersionSpec("v1", 8, "docs-v1")).with_write_target("v1")
+            .with_weights({"v1": 100}).with_version(VersionSpec("v2", 8, "docs-v2")).with_write_target("v2"))
+
+
+def begun(plan=(50, 100), run_id="run-1") -> DeploymentState:
+    return two_versions().change_rollout("begin", run_id, 1.0, rollout={"new": "v2", "current": "v1",
+                                                                       "plan": list(plan), "owner": "ramped"})
+
+
+def test_a_ramp_walks_its_steps_in_order_and_promotes():
+    state = begun()
+    with pytest.raises(RolloutError, match="step 2 is not the current step"):
+        state.change_rollout("start_step", "run-1", 2.0, step=1)
+    with pytest.raises(RolloutError, match="cannot promote before every ramp step passed"):
+        state.change_rollout("promote", "run-1", 2.0)
+    for step in (0, 1):
+        state = state.change_rollout("start_step", "run-1", 2.0 + step, step=step)
+        state = state.with_weights({"v1": 100 - state.rollout.plan[step], "v2": state.rollout.plan[step]},
+                                   "run-1", step)
+        state = state.change_rollout("pass_step", "run-1", 3.0 + step, step=step, reason="ok")
+    assert state.rollout.steps_passed and state.weights == {"v1": 0, "v2": 100}
+    state = state.change_rollout("promote", "run-1", 5.0)
+    assert state.rollout.phase == PROMOTED and state.stable == "v2"
+    state = state.without_version("v1").change_rollout("finish", "run-1", 6.0)
+    assert state.rollout.phase == SUCCEEDED and not state.rollout.active
+    assert DeploymentState.from_json(state.to_json()) == state
+
+
+def test_one_rollout_at_a_time_and_only_its_run_may_move_it():
+    state = begun()
+    assert begun().begin_rollout(state.rollout) == state  # the holder's retry is a no-op
+    with pytest.raises(RolloutInProgress, match="another rollout holds the deployment: rollout of v2 over v1 by "
+                                                "ramped run-1"):
+        state.change_rollout("begin", "run-2", 2.0, rollout={"new": "v2", "current": "v1"})
+    with pytest.raises(RolloutError, match="run run-2 does not hold the deployment"):
+        state.change_rollout("abort", "run-2", 2.0, reason="not mine")
+    # Once it ended, the next rollout may begin.
+    ended = state.change_rollout("abort", "run-1", 3.0, reason="x").change_rollout("finish", "run-1", 4.0)
+    assert ended.rollout.phase == ROLLED_BACK
+    assert ended.change_rollout("begin", "run-2", 5.0, rollout={"new": "v2", "current": "v1"}).rollout.run_id == "run-2"
+
+
+def test_after_an_abort_no_step_may_change_the_weights():
+    state = begun().change_rollout("start_step", "run-1", 2.0, step=0)
+    aborted = state.change_rollout("abort", "run-1", 3.0, reason="analysis failed")
+    assert aborted.rollout.phase == ABORTED
+    for run_id, step in (("run-1", 0), ("run-1", None)):
+        with pytest.raises(RolloutError, match="Aborted - analysis failed; this needs phase Progressing"):
+            aborted.with_weights({"v1": 50, "v2": 50}, run_id, step)
+    assert aborted.with_weights({"v1": 100}).weights == {"v1": 100}  # the rollback's own change
+    assert aborted.change_rollout("abort", "run-1", 4.0, reason="again").rollout.message == "analysis failed"
+    with pytest.raises(RolloutError, match="this needs phase Progressing"):
+        aborted.change_rollout("pass_step", "run-1", 4.0, step=0, reason="late")
+
+
+def test_an_inconclusive_step_extends_then_pauses_for_a_person_who_may_resume_it():
+    state = begun().change_rollout("start_step", "run-1", 2.0, step=0)
+    state = state.change_rollout("extend", "run-1", 3.0, step=0, reason="v2 served 3 requests")
+    assert state.rollout.extensions == 1 and state.rollout.step == 0
+    paused = state.change_rollout("pause", "run-1", 4.0, reason="still inconclusive")
+    assert paused.rollout.phase == PAUSED
+    with pytest.raises(RolloutError):
+        paused.with_weights({"v1": 0, "v2": 100}, "run-1", 1)  # a paused ramp does not advance
+    resumed = paused.change_rollout("resume", "run-1", 5.0, by="alice")
+    assert resumed.rollout.step == 1 and "accepted by alice" in resumed.rollout.message
+
+
+def test_a_rollback_after_promotion_makes_the_old_version_stable_again_while_it_is_intact():
+    promoted = begun(plan=(100,))
+    promoted = promoted.change_rollout("start_step", "run-1", 2.0, step=0).change_rollout(
+        "pass_step", "run-1", 3.0, step=0, reason="ok").change_rollout("promote", "run-1", 4.0)
+    back = promoted.change_rollout("abort", "run-1", 5.0, reason="failed: remove_old_version")
+    assert back.stable == "v1" and back.rollout.phase == ABORTED
+    with pytest.raises(StateError, match="would roll back to it"):
+        # never remove what a rollout in progress would roll back to, even made stable by hand
+        begun().with_weights({"v1": 0, "v2": 100}).with_stable("v2").without_version("v1")
+    gone = promoted.with_weights({"v2": 100}).without_version("v1")
+    with pytest.raises(RolloutError, match="cannot roll back to v1: its removal has begun"):
+        gone.change_rollout("abort", "run-1", 5.0, reason="too late")
+
+
+def test_transitions_name_what_they_need():
+    with pytest.raises(RolloutError, match="start_step needs step"):
+        begun().change_rollout("start_step", "run-1", 2.0)
+    with pytest.raises(RolloutError, match="unknown transition 'jump'"):
+        begun().change_rollout("jump", "run-1", 2.0)
+    with pytest.raises(RolloutError, match="begin needs the rollout"):
+        two_versions().change_rollout("begin", "run-1", 1.0)

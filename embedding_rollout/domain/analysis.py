@@ -7,6 +7,7 @@ Rollouts: Successful, Failed, or Inconclusive (too few requests to judge).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -80,8 +81,14 @@ def window(before: dict[str, VersionMetrics], after: dict[str, VersionMetrics]) 
 class Thresholds:
     max_error_rate: float = 0.05
     max_p99_ratio: float = 2.0
-    min_requests: int = 20
+    min_requests: int = 20        # on each version that should get traffic, before anything is judged
+    min_requests_p99: int = 100   # on each version before their p99s are compared: fewer is noise
     min_p99_seconds: float = 0.05  # below this the ratio is noise, not a regression
+
+    @classmethod
+    def from_conf(cls, values: dict | None) -> "Thresholds":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(values or {}).items() if k in known and v is not None})
 
 
 @dataclass(frozen=True)
@@ -91,23 +98,54 @@ class Verdict:
     new: dict
     stable: dict
 
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
-def judge(metrics: dict[str, VersionMetrics], new: str, stable: str, limits: Thresholds) -> Verdict:
-    """Failed on too many errors or a p99 too slow relative to stable; Inconclusive on too little traffic."""
+
+def _summary(m: VersionMetrics) -> dict:
+    p99 = m.quantile(0.99)
+    return {"requests": m.requests, "failures": m.failures, "error_rate": round(m.error_rate, 4),
+            "p99_seconds": None if math.isnan(p99) else round(p99, 4)}
+
+
+def judge(metrics: dict[str, VersionMetrics], new: str, stable: str, limits: Thresholds,
+          stable_weight: int | None = None) -> Verdict:
+    """Argo's three outcomes for one analysis window.
+
+    Inconclusive while either version that should get traffic (``stable_weight`` > 0, or unknown)
+    has fewer than ``min_requests`` requests: nothing is judged on too small a sample. Failed when
+    the new version's error rate (every 5xx it answered, every request or write another version had
+    to take for it) exceeds the limit, or, once both versions have ``min_requests_p99`` requests,
+    when its p99 exceeds ``max_p99_ratio`` times the stable version's. Otherwise Successful.
+    """
     candidate, baseline = metrics.get(new, VersionMetrics()), metrics.get(stable, VersionMetrics())
-    summary = lambda m: {"requests": m.requests, "error_rate": round(m.error_rate, 4),  # noqa: E731
-                         "p99_seconds": None if math.isnan(m.quantile(0.99)) else round(m.quantile(0.99), 4)}
-    report = lambda status, reason: Verdict(status, reason, summary(candidate), summary(baseline))  # noqa: E731
+
+    def report(status: str, reason: str) -> Verdict:
+        return Verdict(status, reason, _summary(candidate), _summary(baseline))
+
     if candidate.requests < limits.min_requests:
-        return report(INCONCLUSIVE, f"{new} served {candidate.requests:.0f} requests, fewer than {limits.min_requests}")
+        return report(INCONCLUSIVE, f"{new} served {candidate.requests:.0f} requests, fewer than "
+                                    f"{limits.min_requests}")
+    compared = stable_weight is None or stable_weight > 0  # at 100 % the stable version has no traffic
+    if compared and baseline.requests < limits.min_requests:
+        return report(INCONCLUSIVE, f"{stable} (the baseline) served {baseline.requests:.0f} requests, fewer "
+                                    f"than {limits.min_requests}")
     if candidate.error_rate > limits.max_error_rate:
-        return report(FAILED, f"{new} error rate {candidate.error_rate:.1%} > {limits.max_error_rate:.1%}")
-    new_p99, stable_p99 = candidate.quantile(0.99), baseline.quantile(0.99)
-    if not math.isnan(new_p99) and not math.isnan(stable_p99) and new_p99 > limits.min_p99_seconds:
-        if new_p99 > limits.max_p99_ratio * stable_p99:
-            return report(FAILED, f"{new} p99 {new_p99 * 1000:.0f} ms > {limits.max_p99_ratio} x "
-                                  f"{stable} p99 {stable_p99 * 1000:.0f} ms")
-    return report(SUCCESSFUL, f"{new}: error rate {candidate.error_rate:.1%}, p99 within limits")
+        return report(FAILED, f"{new} error rate {candidate.error_rate:.1%} > {limits.max_error_rate:.1%} "
+                              f"({candidate.failures:.0f} of {candidate.requests:.0f})")
+    latency = "p99 not compared: the stable version takes no traffic"
+    if compared:
+        latency = (f"p99 not compared: fewer than {limits.min_requests_p99} requests on "
+                   f"{new} ({candidate.requests:.0f}) or {stable} ({baseline.requests:.0f})")
+        if min(candidate.requests, baseline.requests) >= limits.min_requests_p99:
+            new_p99, stable_p99 = candidate.quantile(0.99), baseline.quantile(0.99)
+            slower = new_p99 > limits.min_p99_seconds and new_p99 > limits.max_p99_ratio * stable_p99
+            if slower:
+                return report(FAILED, f"{new} p99 {new_p99 * 1000:.0f} ms > {limits.max_p99_ratio} x "
+                                      f"{stable} p99 {stable_p99 * 1000:.0f} ms")
+            latency = f"p99 {new_p99 * 1000:.0f} ms vs {stable_p99 * 1000:.0f} ms within {limits.max_p99_ratio} x"
+    return report(SUCCESSFUL, f"{new} error rate {candidate.error_rate:.1%} within {limits.max_error_rate:.1%}; "
+                              f"{latency}")
 
 
 def click_through(text: str) -> dict[str, tuple[float, float]]:

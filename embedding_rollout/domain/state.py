@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import inspect
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .rollout import PROMOTED, TRANSITIONS, Rollout, RolloutError, RolloutInProgress
 from .traffic import InvalidWeights, assign_version, validate_weights
 from .versions import is_version, parse_version
 
@@ -55,12 +57,14 @@ class DeploymentState:
     ``weights`` holds the *live* versions: a version is routable (by weight, or explicitly by the
     ``x-model-version`` header) once it has an entry there, even at weight 0. ``write_targets`` get
     every streaming update. ``stable`` serves fallback traffic and is the default current version.
+    ``rollout`` is the progress of the latest rollout; while it is active it holds the deployment.
     """
 
     versions: dict[str, VersionSpec] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)
     write_targets: tuple[str, ...] = ()
     stable: str | None = None
+    rollout: Rollout | None = None
     revision: int = 0
 
     @property
@@ -113,8 +117,12 @@ class DeploymentState:
             return self
         return dataclasses.replace(self, write_targets=(*self.write_targets, version)).validate()
 
-    def with_weights(self, weights: dict[str, int]) -> "DeploymentState":
-        """Set the traffic split; versions left out stop being live."""
+    def with_weights(self, weights: dict[str, int], run_id: str | None = None,
+                     step: int | None = None) -> "DeploymentState":
+        """Set the traffic split; versions left out stop being live. With ``run_id`` (a rollout's
+        task) only while that run's rollout progresses, and with ``step`` only in that ramp step."""
+        if run_id is not None:
+            self._rollout_of(run_id).guard_weights(run_id, step)
         return dataclasses.replace(self, weights=dict(weights)).validate()
 
     def with_stable(self, version: str) -> "DeploymentState":
@@ -127,12 +135,69 @@ class DeploymentState:
             raise StateError(f"cannot remove {version}: it still has {self.weights[version]} % of traffic")
         if version == self.stable:
             raise StateError(f"cannot remove the stable version {version}; promote another first")
+        rollout = self.rollout
+        if rollout and rollout.active and version == rollout.current and rollout.phase != PROMOTED:
+            raise StateError(f"cannot remove {version}: the {rollout.describe()} would roll back to it")
         return dataclasses.replace(
             self,
             versions={k: v for k, v in self.versions.items() if k != version},
             weights={k: w for k, w in self.weights.items() if k != version},
             write_targets=tuple(t for t in self.write_targets if t != version),
         ).validate()
+
+    # -- the rollout --------------------------------------------------------------------------
+    def _rollout_of(self, run_id: str) -> Rollout:
+        if self.rollout is None:
+            raise RolloutError(f"run {run_id} holds no rollout: there is none")
+        return self.rollout
+
+    def begin_rollout(self, rollout: Rollout) -> "DeploymentState":
+        """Take the deployment for ``rollout``; idempotent for the run that holds it already."""
+        held = self.rollout
+        if held is not None and held.active:
+            if held.run_id == rollout.run_id:
+                return self
+            raise RolloutInProgress(f"another rollout holds the deployment: {held.describe()}. One rollout "
+                                    f"runs at a time; trigger again when it has ended")
+        if rollout.current not in self.weights:
+            raise StateError(f"current version {rollout.current} is not live (live: {sorted(self.weights)})")
+        return dataclasses.replace(self, rollout=rollout)
+
+    def advance_rollout(self, run_id: str, transition: str, now: float, **arguments) -> "DeploymentState":
+        """Apply one of the rollout's transitions (``rollout.TRANSITIONS``) for the run holding it.
+
+        ``promote`` also makes the new version the stable one; ``abort`` after a promotion makes
+        the old version stable again, which needs it still deployed and written to."""
+        rollout = self._rollout_of(run_id)
+        changed = getattr(rollout, transition)(run_id, now=now, **arguments)
+        state = dataclasses.replace(self, rollout=changed)
+        if transition == "promote":
+            if rollout.new not in self.write_targets:
+                raise RolloutError(f"cannot promote {rollout.new}: it is not a write target")
+            state = state.with_stable(rollout.new)
+        elif transition == "abort" and rollout.phase == PROMOTED:
+            if rollout.current not in self.versions or rollout.current not in self.write_targets:
+                raise RolloutError(f"cannot roll back to {rollout.current}: its removal has begun")
+            state = state.with_stable(rollout.current)
+        return state.validate()
+
+    def change_rollout(self, transition: str, run_id: str, now: float, rollout: dict | None = None,
+                       **arguments) -> "DeploymentState":
+        """``begin`` (with the ``rollout`` to record) or one of ``rollout.TRANSITIONS`` with the
+        arguments it takes (``step``, ``reason``, ``by``), as the API and the CLI receive them."""
+        if transition == "begin":
+            if not rollout:
+                raise RolloutError("begin needs the rollout to record (new, current, strategy, plan)")
+            fields = {k: (tuple(v) if k == "plan" else v) for k, v in rollout.items()}
+            return self.begin_rollout(Rollout(run_id=run_id, started_at=now, updated_at=now, **fields))
+        if transition not in TRANSITIONS:
+            raise RolloutError(f"unknown transition {transition!r}: use begin or one of {', '.join(TRANSITIONS)}")
+        wanted = [p for p in inspect.signature(getattr(Rollout, transition)).parameters
+                  if p not in ("self", "run_id", "now")]
+        missing = [p for p in wanted if arguments.get(p) is None]
+        if missing:
+            raise RolloutError(f"{transition} needs {', '.join(missing)}")
+        return self.advance_rollout(run_id, transition, now, **{p: arguments[p] for p in wanted})
 
     # -- serialisation ------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -142,15 +207,18 @@ class DeploymentState:
             "weights": self.weights,
             "write_targets": list(self.write_targets),
             "versions": {k: dataclasses.asdict(v) for k, v in self.versions.items()},
+            "rollout": self.rollout.to_json() if self.rollout else None,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> "DeploymentState":
+        rollout = data.get("rollout")
         return cls(
             versions={k: VersionSpec(**v) for k, v in data.get("versions", {}).items()},
             weights={k: int(w) for k, w in data.get("weights", {}).items()},
             write_targets=tuple(data.get("write_targets", ())),
             stable=data.get("stable"),
+            rollout=Rollout.from_json(rollout) if rollout else None,
             revision=int(data.get("revision", 0)),
         ).validate()
 

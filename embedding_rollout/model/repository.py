@@ -9,6 +9,9 @@ from pathlib import Path
 from ..domain.versions import parse_version, version_label
 
 
+REFUSED = "refused.json"
+
+
 class ModelNotFound(LookupError):
     pass
 
@@ -20,9 +23,25 @@ def available_versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "saved_model.pb").exists())
 
 
-def read_evaluation(version_dir: Path) -> dict | None:
-    path = version_dir / "assets.extra" / "evaluation.json"
+def _extra(version_dir: Path, name: str) -> dict | None:
+    path = version_dir / "assets.extra" / name
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_evaluation(version_dir: Path) -> dict | None:
+    return _extra(version_dir, "evaluation.json")
+
+
+def mark_refused(model_dir: Path, version: str, reason: str, at: float) -> dict:
+    """Record that a trained candidate was refused (kept for inspection, never deployed, its version
+    number never reused)."""
+    folder = model_dir / str(parse_version(version))
+    if not (folder / "saved_model.pb").exists():
+        raise ModelNotFound(f"model artifact for {version} not found: {folder} has no saved_model.pb")
+    record = {"reason": reason, "at": at}
+    (folder / "assets.extra").mkdir(exist_ok=True)
+    (folder / "assets.extra" / REFUSED).write_text(json.dumps(record, indent=2))
+    return record
 
 
 def read_dims(version_dir: Path) -> int:
@@ -41,7 +60,8 @@ def describe(version: str, folder: Path) -> dict | None:
         dims = read_dims(folder)
     except FileNotFoundError:
         dims = None
-    return {"version": version, "path": str(folder), "dims": dims, "evaluation": read_evaluation(folder)}
+    return {"version": version, "path": str(folder), "dims": dims, "evaluation": read_evaluation(folder),
+            "refused": _extra(folder, REFUSED)}
 
 
 def catalogue(model_dir: Path) -> list[dict]:

@@ -32,8 +32,12 @@ def rollout_params() -> dict[str, Param]:
         "max_p99_ratio": Param(2.0, type="number", minimum=1, title="Maximum p99 ratio",
                                description="Analysis fails when the new version's p99 latency exceeds this "
                                            "multiple of the stable version's."),
-        "min_requests": Param(20, type="integer", minimum=0, title="Minimum requests",
-                              description="Fewer requests than this in a step: inconclusive, not judged."),
+        "min_requests": Param(20, type="integer", minimum=1, title="Minimum requests",
+                              description="Fewer requests than this on either version in an analysis window: "
+                                          "inconclusive, nothing judged."),
+        "min_requests_p99": Param(100, type="integer", minimum=1, title="Minimum requests for p99",
+                                  description="The versions' p99 latencies are compared only once both served "
+                                              "this many requests in the window."),
         "rollback_window_seconds": Param(0, type="integer", minimum=0, maximum=7 * 86400, title="Rollback window",
                                          description="Keep the old version this long after promotion."),
     }
@@ -47,7 +51,13 @@ def ramped_params() -> dict[str, Param]:
         "step_interval_seconds": Param(30, type="integer", minimum=0, maximum=86400, title="Step interval (s)"),
         "weights": Param(None, type=["null", "array"], items={"type": "integer", "minimum": 0, "maximum": 100},
                          title="Explicit weights",
-                         description="Instead of steps: the new version's weight at each step, ending at 100."),
+                         description="Instead of steps: the new version's weight at each step, ending at 100, "
+                                     "e.g. [5, 25, 50, 100]. Leave empty to ramp by the step."),
+        "inconclusive_limit": Param(2, type="integer", minimum=0, maximum=20, title="Inconclusive limit",
+                                    description="How many more intervals of data an inconclusive step gathers "
+                                                "before the inconclusive action."),
+        "on_inconclusive": Param("rollback", type="string", enum=["rollback", "ask"], title="When inconclusive",
+                                 description="rollback, or ask a person in the Airflow UI whether to continue."),
     }
 
 
@@ -82,9 +92,12 @@ def resolve_conf(params: dict, deployment=None) -> dict:
     if state.weights.get(new, 0) == 100:
         raise InvalidConf(f"{new} already serves all traffic")
     try:
-        folder = deployment.model(new, params.get("model_artifact"))["path"]
+        model = deployment.model(new, params.get("model_artifact"))
     except DeploymentStateError as exc:
         raise InvalidConf(str(exc)) from exc
+    if model.get("refused"):
+        raise InvalidConf(f"model {new} was refused: {model['refused'].get('reason')}")
+    folder = model["path"]
     resolved = {**params, "current_version": current, "model_artifact": folder}
     if "step_percent" in params:
         try:
@@ -92,5 +105,6 @@ def resolve_conf(params: dict, deployment=None) -> dict:
                 params["step_percent"])
         except InvalidWeights as exc:
             raise InvalidConf(str(exc)) from exc
-    resolved["thresholds"] = {k: params[k] for k in ("max_error_rate", "max_p99_ratio", "min_requests")}
+    resolved["thresholds"] = {k: params.get(k) for k in ("max_error_rate", "max_p99_ratio", "min_requests",
+                                                         "min_requests_p99")}
     return resolved

@@ -1,35 +1,31 @@
-"""Pieces of the deployment DAGs' graphs that the ramped and the A/B rollout share."""
+"""Pieces of the deployment DAGs' graphs that the ramped and the A/B rollout share.
+
+Every rollout task runs inside one setup/teardown scope: ``begin_rollout`` (setup) takes the
+deployment for the run; ``conclude_rollout`` and ``finish_rollout`` (teardowns) run however the run
+ends — a failed task, a decided rollback, a person marking the run failed in the UI or through the
+REST API (Airflow then fails or skips the other tasks but leaves teardowns to run) — and either
+complete the rollout or roll it back; ``rollout_outcome`` (a teardown too) then sets the run's
+state from how the rollout ended.
+"""
 from __future__ import annotations
 
-from airflow.sdk import task
-from airflow.sdk.exceptions import AirflowFailException
+from datetime import timedelta
 
-from .conf import InvalidConf, resolve_conf
-from .hooks.deployment import deployment_hook
-from .runtime import Runtime
 from .operators.steps import step
 from .sensors.backfill import BackfillCompleteSensor
-from .tasks import guarded_rollback, promoted_at, rollback_window
+from .tasks import RollbackWindowSensor, begin_rollout_task, conclude_rollout, rollout_outcome
 
-CONF = "ti.xcom_pull(task_ids='validate_conf')"
+CONF = "ti.xcom_pull(task_ids='begin_rollout')"
 NEW = "{{ params.new_version }}"
 CURRENT = "{{ %s['current_version'] }}" % CONF
 THRESHOLDS = "{{ %s['thresholds'] }}" % CONF
 
 
-@task(doc_md="Refuse an invalid conf before anything changes.")
-def validate_conf(params=None) -> dict:
-    try:
-        return resolve_conf(dict(params), deployment_hook(Runtime()))
-    except InvalidConf as exc:
-        raise AirflowFailException(f"invalid conf: {exc}") from exc
-
-
-def prepare_new_version():
-    """Steps 1-3: validate, deploy, dual-write, backfill, wait until the new index is complete.
+def prepare_new_version(strategy: str):
+    """The setup, then steps 1-3: deploy, dual-write, backfill, wait until the new index is complete.
 
     Returns (conf, tasks in order)."""
-    conf = validate_conf()
+    conf = begin_rollout_task(strategy)
     tasks = [
         step("deploy_new_version", ["deploy", "--version", NEW, "--run-id", "{{ run_id }}",
                                     "--artifact", "{{ %s['model_artifact'] }}" % CONF],
@@ -38,7 +34,7 @@ def prepare_new_version():
              doc_md="Step 2: streaming updates now go to both versions."),
         step("backfill", ["index", "load", "--version", NEW, "--source", CURRENT],
              doc_md="Step 3: re-embed every document of the current index into the new one (resumable)."),
-        BackfillCompleteSensor(task_id="wait_backfill_complete", version=NEW, source=CURRENT, poke_interval=5,
+        BackfillCompleteSensor(task_id="wait_backfill_complete", version=NEW, source=CURRENT, poke_interval=15,
                                timeout=6 * 3600,
                                doc_md="Every source document is in the new index at its latest version."),
     ]
@@ -46,21 +42,36 @@ def prepare_new_version():
     return conf, tasks
 
 
-def promote_and_remove_old(conf):
-    """Promote the new version, keep the old one for the rollback window, then remove it (step 5)."""
-    promote = step("promote", ["promote", "--version", NEW], doc_md="The new version becomes the stable one.")
-    since = promoted_at()
+def promote_and_remove_old():
+    """Promote the new version, keep the old one for the rollback window, then remove it (step 5).
+
+    Returns (promote, remove_old)."""
+    promote = step("promote", ["promote", "--version", NEW, "--run-id", "{{ run_id }}"],
+                   trigger_rule="none_failed_min_one_success",
+                   doc_md="The new version becomes the stable one, once its index holds every write.")
+    window = RollbackWindowSensor(task_id="rollback_window", seconds="{{ params.rollback_window_seconds }}",
+                                  doc_md="Keep the old version this long (mark the run failed to roll back).")
     remove_old = step("remove_old_version", ["remove", "--version", CURRENT],
                       doc_md="Step 5: routes first, then generator, write target and index of the old version.")
-    promote >> since >> rollback_window(conf, since) >> remove_old
-    return promote
+    promote >> window >> remove_old
+    return promote, remove_old
 
 
-def rollback_on_failure(conf, watched: list):
-    """When a rollout task fails: traffic back to the current version, then the new one removed."""
-    rollback = guarded_rollback()
-    [conf, *watched] >> rollback
-    remove_new = step("remove_new_version", ["remove", "--version", NEW], trigger_rule="one_success",
-                      doc_md="After a rollback: remove the new version (generator, write target, index).")
-    rollback >> remove_new
-    return remove_new
+def conclude(conf, leaves: list, decided_rollback: str | None = None) -> None:
+    """The teardowns: complete the rollout, or roll it back and remove the new version; then the
+    run's verdict. ``decided_rollback``: the task whose success makes a rollback the run's goal
+    (an A/B experiment's decision), not a failure.
+
+    Only the verdict decides the run's state (``on_failure_fail_dagrun``): a person marking the run
+    failed makes Airflow skip the pending work tasks, and with skipped leaves alone the run would
+    end as a success after its rollback."""
+    concluded = conclude_rollout(conf)
+    finish = step("finish_rollout", ["rollout", "finish", "--run-id", "{{ run_id }}"], retries=2,
+                  retry_delay=timedelta(seconds=15),
+                  doc_md="Teardown: remove the version the rollout leaves behind (the old one after a promotion, "
+                         "the new one after a rollback) and release the deployment.")
+    verdict = rollout_outcome(conf, decided_rollback)
+    leaves >> concluded >> finish >> verdict
+    concluded.as_teardown(setups=conf)
+    finish.as_teardown(setups=conf)
+    verdict.as_teardown(setups=conf, on_failure_fail_dagrun=True)

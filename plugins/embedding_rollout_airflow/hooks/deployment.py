@@ -3,19 +3,23 @@ operator API (kubernetes runtime: the file lives on a volume in the app's namesp
 in Airflow's namespace cannot mount)."""
 from __future__ import annotations
 
+import time
 
 import requests
 from airflow.sdk import BaseHook
 
 from embedding_rollout.config import Settings
-from embedding_rollout.domain.state import DeploymentState, StateFile
+from embedding_rollout.domain.rollout import RolloutError
+from embedding_rollout.domain.state import DeploymentState, StateError, StateFile
 from embedding_rollout.model.repository import ModelNotFound, catalogue, find
 from embedding_rollout.pipeline.indexing import Checkpoint
 from embedding_rollout.steps import checkpoint_path
 
 
 class DeploymentStateError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the app's HTTP status, when the app answered
 
 
 class LocalDeploymentHook(BaseHook):
@@ -27,8 +31,20 @@ class LocalDeploymentHook(BaseHook):
     def state(self) -> DeploymentState:
         return self.file.read()
 
-    def set_weights(self, weights: dict[str, int]) -> DeploymentState:
-        return self.file.update(lambda s: s.with_weights(weights))
+    def set_weights(self, weights: dict[str, int], run_id: str | None = None,
+                    step: int | None = None) -> DeploymentState:
+        return self._update(lambda s: s.with_weights(weights, run_id, step))
+
+    def change_rollout(self, transition: str, run_id: str, **arguments) -> DeploymentState:
+        """``begin`` or a transition of the rollout (``DeploymentState.change_rollout``)."""
+        now = time.time()
+        return self._update(lambda s: s.change_rollout(transition, run_id, now, **arguments))
+
+    def _update(self, change) -> DeploymentState:
+        try:
+            return self.file.update(change)
+        except (StateError, RolloutError) as exc:
+            raise DeploymentStateError(str(exc), 409) from exc
 
     def checkpoint(self, version: str, source: str) -> Checkpoint:
         index = self.state().spec(version).index
@@ -42,7 +58,7 @@ class LocalDeploymentHook(BaseHook):
         try:
             return find(self.settings.model_dir, version, artifact)
         except ModelNotFound as exc:
-            raise DeploymentStateError(str(exc)) from exc
+            raise DeploymentStateError(str(exc), 409) from exc
 
 
 class AppDeploymentHook(BaseHook):
@@ -56,14 +72,22 @@ class AppDeploymentHook(BaseHook):
         reply = requests.request(method, f"{self.app_url}{path}", timeout=self.timeout, **kwargs)
         if reply.status_code >= 400:
             detail = reply.json().get("detail") if reply.headers.get("content-type", "").endswith("json") else reply.text
-            raise DeploymentStateError(f"{method} {path}: {reply.status_code}: {detail}")
+            raise DeploymentStateError(f"{method} {path}: {reply.status_code}: {detail}", reply.status_code)
         return reply.json()
 
     def state(self) -> DeploymentState:
         return DeploymentState.from_json(self._call("GET", "/deployment"))
 
-    def set_weights(self, weights: dict[str, int]) -> DeploymentState:
-        return DeploymentState.from_json(self._call("PUT", "/deployment/weights", json={"weights": weights}))
+    def set_weights(self, weights: dict[str, int], run_id: str | None = None,
+                    step: int | None = None) -> DeploymentState:
+        body: dict = {"weights": weights}
+        if run_id is not None:
+            body["rollout"] = {"run_id": run_id, **({"step": step} if step is not None else {})}
+        return DeploymentState.from_json(self._call("PUT", "/deployment/weights", json=body))
+
+    def change_rollout(self, transition: str, run_id: str, **arguments) -> DeploymentState:
+        body = {"transition": transition, "run_id": run_id, **{k: v for k, v in arguments.items() if v is not None}}
+        return DeploymentState.from_json(self._call("POST", "/deployment/rollout", json=body))
 
     def checkpoint(self, version: str, source: str) -> Checkpoint:
         return Checkpoint(**self._call("GET", f"/deployment/backfills/{version}", params={"source": source}))

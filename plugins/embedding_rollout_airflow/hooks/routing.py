@@ -13,7 +13,8 @@ import time
 from airflow.sdk import BaseHook
 
 from embedding_rollout.config import Settings
-from embedding_rollout.domain.state import StateFile
+from embedding_rollout.domain.rollout import RolloutError
+from embedding_rollout.domain.state import StateError, StateFile
 from embedding_rollout.domain.traffic import validate_weights
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ class WeightsNotConfirmed(RuntimeError):
     pass
 
 
+class WeightsRefused(RuntimeError):
+    """A rollout task's weight change after its rollout stopped progressing (a rollback began)."""
+
+
 class LocalRouterHook(BaseHook):
     """The app's own router: the weights in the deployment state file."""
 
@@ -36,9 +41,15 @@ class LocalRouterHook(BaseHook):
     def weights(self) -> dict[str, int]:
         return dict(self.state.read().weights)
 
-    def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
+    def set_weights(self, weights: dict[str, int], run_id: str | None = None,
+                    step: int | None = None) -> dict[str, int]:
+        """``run_id`` (and ``step``): a rollout task's change, made only while the rollout allows it,
+        checked in the same locked update as the change."""
         weights = validate_weights(weights)
-        self.state.update(lambda s: s.with_weights(weights))
+        try:
+            self.state.update(lambda s: s.with_weights(weights, run_id, step))
+        except (StateError, RolloutError) as exc:
+            raise WeightsRefused(str(exc)) from exc
         confirmed = StateFile(self.state.path).read().weights
         if confirmed != weights:
             raise WeightsNotConfirmed(f"state holds {confirmed} after setting {weights}")
@@ -114,13 +125,17 @@ class IstioVirtualServiceHook(BaseHook):
     def weights(self) -> dict[str, int]:
         return weights_of(self.get())
 
-    def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
+    def set_weights(self, weights: dict[str, int], precondition=None) -> dict[str, int]:
+        """``precondition()`` is called after each read, before the patch; it raises to stop the
+        change (the patch's resourceVersion test then makes a change made meanwhile win)."""
         from kubernetes.client.exceptions import ApiException
         weights = validate_weights(weights)
         for attempt in range(1, self.attempts + 1):
             current = self.get()
             if weights_of(current) == weights:
                 return weights  # idempotent: nothing to change
+            if precondition:
+                precondition()
             try:
                 # The client sends custom-object patches as merge patches unless told otherwise.
                 self.api.patch_namespaced_custom_object(ISTIO_GROUP, ISTIO_VERSION, self.namespace,
@@ -153,10 +168,30 @@ class MeshRouterHook(BaseHook):
     def weights(self) -> dict[str, int]:
         return self.istio.weights()
 
-    def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
+    def set_weights(self, weights: dict[str, int], run_id: str | None = None,
+                    step: int | None = None) -> dict[str, int]:
+        """With ``run_id`` the app refuses the change once the rollout stopped progressing, and the
+        guard is checked again after Istio's VirtualService is read, right before it is patched."""
+        from .deployment import DeploymentStateError
         weights = validate_weights(weights)
         leaving = {version: 0 for version in self.istio.weights() if version not in weights}
-        self.app.set_weights({**leaving, **weights})
-        confirmed = self.istio.set_weights(weights)
-        self.app.set_weights(weights)
+
+        def still_allowed() -> None:
+            rollout = self.app.state().rollout
+            if run_id is not None:
+                try:
+                    if rollout is None:
+                        raise RolloutError(f"run {run_id} holds no rollout")
+                    rollout.guard_weights(run_id, step)
+                except RolloutError as exc:
+                    raise WeightsRefused(str(exc)) from exc
+
+        try:
+            self.app.set_weights({**leaving, **weights}, run_id, step)
+            confirmed = self.istio.set_weights(weights, precondition=still_allowed)
+            self.app.set_weights(weights, run_id, step)
+        except DeploymentStateError as exc:
+            if exc.status == 409:
+                raise WeightsRefused(str(exc)) from exc
+            raise
         return confirmed

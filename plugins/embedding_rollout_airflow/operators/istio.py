@@ -5,9 +5,10 @@ import json
 from collections.abc import Sequence
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from ..hooks.deployment import AppDeploymentHook
-from ..hooks.routing import IstioVirtualServiceHook, LocalRouterHook, MeshRouterHook
+from ..hooks.routing import IstioVirtualServiceHook, LocalRouterHook, MeshRouterHook, WeightsRefused
 from ..runtime import KUBERNETES, Runtime
 
 
@@ -24,17 +25,18 @@ class IstioWeightOperator(BaseOperator):
 
     ``weights`` maps version labels to integer percentages summing to 100 (a dict, or a JSON string
     rendered from a template). Idempotent; optimistic concurrency on the resourceVersion; the
-    weights are read back and returned (XCom) once confirmed.
+    weights are read back and returned (XCom) once confirmed. With ``rollout_run_id`` the change is
+    a rollout task's: refused (the task fails) once that run's rollout stopped progressing.
     """
 
-    template_fields: Sequence[str] = ("weights",)
+    template_fields: Sequence[str] = ("weights", "rollout_run_id")
     ui_color = "#466bb0"
     ui_fgcolor = "#ffffff"
 
-    def __init__(self, *, weights: dict[str, int] | str, kubernetes_conn_id: str | None = None,
-                 runtime: Runtime | None = None, **kwargs):
+    def __init__(self, *, weights: dict[str, int] | str, rollout_run_id: str | None = None,
+                 kubernetes_conn_id: str | None = None, runtime: Runtime | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.weights = weights
+        self.weights, self.rollout_run_id = weights, rollout_run_id
         self.kubernetes_conn_id = kubernetes_conn_id
         self.runtime = runtime
 
@@ -42,6 +44,9 @@ class IstioWeightOperator(BaseOperator):
         weights = json.loads(self.weights) if isinstance(self.weights, str) else dict(self.weights)
         hook = router_hook(self.runtime or Runtime(), self.kubernetes_conn_id)
         before = hook.weights()
-        confirmed = hook.set_weights({k: int(v) for k, v in weights.items()})
+        try:
+            confirmed = hook.set_weights({k: int(v) for k, v in weights.items()}, run_id=self.rollout_run_id)
+        except WeightsRefused as exc:
+            raise AirflowFailException(f"refused: {exc}") from exc
         self.log.info("traffic split %s -> %s (confirmed)", before, confirmed)
         return confirmed

@@ -3,10 +3,11 @@ same ``embedding-rollout`` command as a local process. The DAG's graph is the sa
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
+from functools import cached_property
 
+from airflow.providers.standard.hooks.subprocess import SubprocessHook
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
@@ -14,7 +15,9 @@ from ..runtime import KUBERNETES, Runtime
 
 
 class LocalStepOperator(BaseOperator):
-    """Run ``embedding-rollout <arguments>`` as a local process, streaming its output to the task log."""
+    """Run ``embedding-rollout <arguments>`` as a local process, its output streamed to the task log
+    (the standard provider's ``SubprocessHook``); killing the task (a timeout, the run marked failed)
+    stops the process too."""
 
     template_fields: Sequence[str] = ("arguments",)
     ui_color = "#e8f4fd"
@@ -24,15 +27,18 @@ class LocalStepOperator(BaseOperator):
         self.arguments = arguments
         self.env = env
 
+    @cached_property
+    def subprocess_hook(self) -> SubprocessHook:
+        return SubprocessHook()
+
     def execute(self, context):
         command = [sys.executable, "-m", "embedding_rollout.cli", *map(str, self.arguments)]
-        self.log.info("running %s", " ".join(command[2:]))
-        env = None if self.env is None else {**os.environ, **self.env}
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-            for line in proc.stdout:
-                self.log.info("%s", line.rstrip())
-        if proc.returncode != 0:
-            raise AirflowException(f"`embedding-rollout {' '.join(map(str, self.arguments))}` exited {proc.returncode}")
+        result = self.subprocess_hook.run_command(command, env={**os.environ, **(self.env or {})}, cwd=os.getcwd())
+        if result.exit_code != 0:
+            raise AirflowException(f"`embedding-rollout {' '.join(map(str, self.arguments))}` exited {result.exit_code}")
+
+    def on_kill(self) -> None:
+        self.subprocess_hook.send_sigterm()
 
 
 # The claims k8s/base/foundation defines: deployment state and checkpoints, and the model repository.

@@ -2,24 +2,28 @@
 
 Decisions come from messages (``POST /rollout/decisions`` on the app; a ``set_weights`` message
 changes the split at once and the wait goes on) or, in ``auto`` mode, from the versions' online
-metrics and click-through feedback with a significance test. Returns ``promote`` or ``rollback``.
-No decision within ``decision_timeout`` seconds of the split's start: the sensor skips, and the
-branch after it takes the safe default, rollback.
+metrics and click-through feedback with a significance test. Returns ``{"action": "promote" |
+"rollback", "reason": ...}``; no decision within ``decision_timeout`` seconds of the split's start
+is a rollback. Between checks the task is deferred: to ``DecisionTrigger`` (messages, answered as
+soon as one arrives) or to a timer (``auto``, every ``poke_interval`` seconds).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
-import time
-
 import requests
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk import BaseSensorOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from embedding_rollout.domain.analysis import Thresholds, automatic_decision
+from embedding_rollout.online_metrics import MetricsUnavailable
 
+from ..hooks.routing import WeightsRefused
 from ..operators.istio import router_hook
 from ..runtime import Runtime
+from ..triggers.decisions import DecisionTrigger
+from ..waiting import MIN_DEFER_SECONDS, wait_until
 
 MESSAGES, AUTO = "messages", "auto"
 
@@ -31,7 +35,7 @@ class AwaitDecisionSensor(BaseSensorOperator):
     def __init__(self, *, new_version: str, stable_version: str, split: dict | str, source: str = MESSAGES,
                  thresholds: dict | None = None, min_feedback: int | str = 50,
                  decision_timeout: int | str = 3600, runtime: Runtime | None = None, **kwargs):
-        kwargs.setdefault("mode", "reschedule")
+        kwargs.setdefault("poke_interval", 15)
         super().__init__(**kwargs)
         self.new_version, self.stable_version, self.source = new_version, stable_version, source
         self.split = split  # {"at": when the split started, "mark": the metrics source's mark then}
@@ -39,36 +43,64 @@ class AwaitDecisionSensor(BaseSensorOperator):
         self.runtime = runtime
 
     @property
-    def app_url(self) -> str:
-        return (self.runtime or Runtime()).app_url
+    def _runtime(self) -> Runtime:
+        return self.runtime or Runtime()
 
-    def poke(self, context):
-        waited = time.time() - float(self.split["at"])
-        if waited > float(self.decision_timeout):
-            raise AirflowSkipException(f"no decision within {self.decision_timeout} s: rolling back")
-        return self._auto() if self.source == AUTO else self._messages()
+    @property
+    def deadline(self) -> float:
+        return float(self.split["at"]) + float(self.decision_timeout)
 
-    def _messages(self):
-        since = float(self.split["at"])
-        reply = requests.get(f"{self.app_url}/rollout/decisions", params={"new_version": self.new_version}, timeout=5)
-        reply.raise_for_status()
-        decisions = [d for d in reply.json() if d["at"] >= since]
-        weights = [d for d in decisions if d["action"] == "set_weights"]
+    def execute(self, context):
+        return self.check(context)
+
+    def check(self, context, event=None, applied: int = 0):
+        if time.time() >= self.deadline:
+            return self._decided("rollback", f"no decision within {self.decision_timeout} s: rolling back")
+        if self.source == AUTO:
+            return self._auto(context)
+        return self._messages(context, applied)
+
+    def _decided(self, action: str, reason: str) -> dict:
+        self.log.info("decision: %s: %s", action, reason)
+        return {"action": action, "reason": reason}
+
+    def _messages(self, context, applied: int):
+        decisions = self._decisions()
+        weights = [d for d in decisions if d["action"] == "set_weights" and d["id"] > applied]
         if weights:  # the latest weight wins; setting it again is a no-op
-            latest = weights[-1]["weight"]
-            confirmed = router_hook(self.runtime or Runtime()).set_weights(
-                {self.new_version: latest, self.stable_version: 100 - latest})
-            self.log.info("split now %s (decision %d by %s)", confirmed, weights[-1]["id"], weights[-1]["by"] or "-")
+            latest = weights[-1]
+            try:
+                confirmed = router_hook(self._runtime).set_weights(
+                    {self.new_version: latest["weight"], self.stable_version: 100 - latest["weight"]},
+                    run_id=context["run_id"])
+            except WeightsRefused as exc:
+                raise AirflowFailException(f"decision {latest['id']} may not change the weights: {exc}") from exc
+            applied = latest["id"]
+            self.log.info("split now %s (decision %d by %s)", confirmed, latest["id"], latest["by"] or "-")
         final = next((d for d in decisions if d["action"] in ("promote", "rollback")), None)
-        if final is None:
-            return False
-        self.log.info("decision %d: %s (by %s)", final["id"], final["action"], final["by"] or "-")
-        return PokeReturnValue(is_done=True, xcom_value=final["action"])
+        if final is not None:
+            return self._decided(final["action"], f"decision {final['id']} by {final['by'] or '-'}")
+        last_seen = max([applied, *(d["id"] for d in decisions)])
+        self.defer(trigger=DecisionTrigger(self._runtime.app_url, self.new_version, last_seen, self.deadline),
+                   method_name="check", kwargs={"applied": applied})
 
-    def _auto(self):
-        measured = (self.runtime or Runtime()).metrics_source().since(self.split["mark"])
-        limits = Thresholds(**{k: v for k, v in dict(self.thresholds).items() if v is not None})
-        decision, reason = automatic_decision(measured.versions, measured.clicks, self.new_version,
-                                              self.stable_version, limits, int(self.min_feedback))
-        self.log.info("automatic decision: %s: %s", decision or "none yet", reason)
-        return PokeReturnValue(is_done=True, xcom_value=decision) if decision else False
+    def _decisions(self) -> list[dict]:
+        """Decisions for this version sent since the split began, oldest first."""
+        reply = requests.get(f"{self._runtime.app_url}/rollout/decisions",
+                             params={"new_version": self.new_version}, timeout=10)
+        reply.raise_for_status()
+        return [d for d in reply.json() if d["at"] >= float(self.split["at"])]
+
+    def _auto(self, context):
+        try:
+            measured = self._runtime.metrics_source().since(self.split["mark"])
+        except MetricsUnavailable as exc:  # not a verdict: look again at the next check
+            self.log.warning("metrics unavailable, deciding later: %s", exc)
+        else:
+            decision, reason = automatic_decision(measured.versions, measured.clicks, self.new_version,
+                                                  self.stable_version, Thresholds.from_conf(self.thresholds),
+                                                  int(self.min_feedback))
+            if decision:
+                return self._decided(decision, reason)
+            self.log.info("no automatic decision yet: %s", reason)
+        return wait_until(self, context, time.time() + max(self.poke_interval, MIN_DEFER_SECONDS), "check", {})

@@ -1,0 +1,94 @@
+"""The rollout DAGs as users run them: Airflow's real components on 127.0.0.1 (api-server, scheduler
+with the LocalExecutor, dag-processor, triggerer) over a local deployment with its app and model
+server, runs triggered through the REST API with conf while live traffic flows."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from embedding_rollout.airflow_stack import AirflowApi, AirflowStack
+from embedding_rollout.domain.versions import parse_version
+from embedding_rollout.store import open_store
+from rollout_harness import LocalDeployment, check_version_consistency, traffic
+
+DAGS = ("embedding_deploy_ramped", "embedding_deploy_ab", "embedding_retrain_deploy")
+
+
+@dataclass
+class LiveAirflow:
+    deployment: LocalDeployment
+    airflow: AirflowStack
+    api: AirflowApi
+
+    # -- the deployment --------------------------------------------------------------------------
+    def state(self):
+        return self.deployment.state.read()
+
+    def versions(self) -> tuple[str, str]:
+        """(current, new): the stable version, and the test model that is not deployed."""
+        current = self.state().stable
+        return current, {"v1": "v2", "v2": "v1"}.get(current, "v1")
+
+    def fault(self, version: str, rate: float) -> None:
+        self.deployment.model_server.manager.set_fault_rate(parse_version(version), rate)
+
+    def indices(self) -> list[str]:
+        return open_store(self.deployment.settings).indices()
+
+    def assert_serving_only(self, version: str) -> None:
+        state = self.state()
+        assert state.weights == {version: 100} and list(state.versions) == [version], state.to_json()
+        assert state.stable == version and state.write_targets == (version,)
+        assert [i for i in self.indices() if i.startswith("docs-")] == [f"docs-{version}"]
+
+    def check_consistency(self, record) -> int:
+        return check_version_consistency(self.deployment, record)
+
+    # -- runs ------------------------------------------------------------------------------------
+    def traffic(self, **kwargs):
+        return traffic(self.deployment, **kwargs)
+
+    def trigger(self, dag_id: str, conf: dict) -> str:
+        return self.api.trigger(dag_id, conf)
+
+    def wait(self, dag_id: str, run_id: str, timeout: float = 900) -> dict:
+        return self.api.wait(dag_id, run_id, timeout=timeout)
+
+    def states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        return {k: t["state"] for k, t in self.api.task_instances(dag_id, run_id).items()}
+
+    def log(self, dag_id: str, run_id: str, task_id: str) -> str:
+        return self.api.log(dag_id, run_id, task_id)
+
+    def wait_for(self, condition, timeout: float = 600, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def explain(self, dag_id: str, run_id: str) -> str:
+        """What went wrong, for an assertion message: every task's state and the failed tasks' logs."""
+        states = self.states(dag_id, run_id)
+        failed = [t for t, s in states.items() if s == "failed"]
+        logs = "\n".join(f"--- {t}\n{self.log(dag_id, run_id, t)[-3000:]}" for t in failed)
+        return f"{states}\nrollout: {self.state().rollout}\n{logs}"
+
+
+def start_live_airflow(home, model_repo, monkeypatch, port: int) -> LiveAirflow:
+    deployment = LocalDeployment(home / "home", model_repo, monkeypatch)
+    # No weekly retrain: unpausing a scheduled DAG would start its latest missed interval at once.
+    airflow = AirflowStack(home / "airflow", port=port, parallelism=4,
+                           env={**deployment.env, "ER_RETRAIN_SCHEDULE": "none"})
+    try:
+        airflow.start()
+        api = airflow.api()
+        for dag_id in DAGS:
+            api.unpause(dag_id)
+    except BaseException:
+        airflow.stop()
+        deployment.stop()
+        raise
+    return LiveAirflow(deployment, airflow, api)
