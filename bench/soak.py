@@ -56,7 +56,9 @@ def measure(run: dict, tis: list[dict], steps: int, interval: int, record, failu
     ran = [t for t in tis if t["start_date"] and t["state"] not in ("skipped", "upstream_failed")]
     wall = _seconds(run["start_date"], run["end_date"])
     busy = _busy_seconds(ran)
-    latencies = [_seconds(t["queued_when"], t["start_date"]) for t in ran if t.get("queued_when")]
+    # A task that deferred keeps its first start but is queued again to resume: count first starts only.
+    latencies = [_seconds(t["queued_when"], t["start_date"]) for t in ran
+                 if t.get("queued_when") and t["queued_when"] <= t["start_date"]]
     return {"state": run["state"], "wall_s": round(wall, 1), "intervals_s": steps * interval,
             "tasks_running_s": round(busy, 1), "airflow_overhead_s": round(wall - busy, 1),
             "tasks": len(ran), "mean_queued_to_start_s": round(statistics.mean(latencies), 2) if latencies else None,

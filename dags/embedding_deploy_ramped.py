@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
 from airflow.sdk import dag, task
 
@@ -51,7 +52,10 @@ def embedding_deploy_ramped():
 
     @task.branch(doc_md="Every step passed: promote. An inconclusive step paused the ramp: ask a person.")
     def after_ramp(ti=None) -> str:
-        return "promote" if ti.xcom_pull(task_ids="ramp")["outcome"] == PASSED else "ask_about_step"
+        return "steps_passed" if ti.xcom_pull(task_ids="ramp")["outcome"] == PASSED else "ask_about_step"
+
+    # A join: the branch skips what it does not choose, and promote must stay reachable from resume_ramp.
+    passed = EmptyOperator(task_id="steps_passed", doc_md="Every ramp step passed its analysis.")
 
     ask = HITLBranchOperator(
         task_id="ask_about_step", subject="Continue the ramp of {{ params.new_version }}?",
@@ -68,9 +72,9 @@ def embedding_deploy_ramped():
                                   doc_md="A person chose Rollback: the rollout is aborted and the run fails.")
     promote, remove_old = promote_and_remove_old()
     branch = after_ramp()
-    prepare[-1] >> open_new >> ramp >> branch >> [promote, ask]
+    prepare[-1] >> open_new >> ramp >> branch >> [passed, ask]
     ask >> [resume, chosen]
-    resume >> promote
+    [passed, resume] >> promote
     conclude(conf, [remove_old, chosen])
 
 

@@ -167,3 +167,26 @@ def test_one_rollout_at_a_time(live):
         live.api.mark_failed(DAG, waiting)
         assert live.wait(DAG, waiting)["state"] == "failed"
         live.assert_serving_only(current)
+
+
+def test_an_inconclusive_step_asks_a_person_who_continues_the_ramp(live):
+    current, new = live.versions()
+    conf = {"new_version": new, "weights": [50, 100], "step_interval_seconds": 12, "min_requests": 5,
+            "inconclusive_limit": 0, "on_inconclusive": "ask"}
+    generator = live.traffic(version=current)  # at first every search asks for the current version
+    with generator as record:
+        run_id = live.trigger(DAG, conf)
+        detail = live.wait_for(lambda: live.api.pending_hitl(DAG), what="the question to a person")[0]
+        assert detail["subject"] == f"Continue the ramp of {new}?"
+        assert live.state().rollout.phase == "Paused" and live.state().weights[new] == 50
+        generator.version = None  # the new version gets its share from now on
+        live.api.answer_hitl(detail, "Continue")
+        run = live.wait(DAG, run_id)
+    assert run["state"] == "success", live.explain(DAG, run_id)
+    states = live.states(DAG, run_id)
+    assert states["ask_about_step"] == "success" and states["resume_ramp"] == "success"
+    assert states["steps_passed"] == "skipped" and states["rollback_chosen"] == "skipped"
+    assert live.api.xcom(DAG, run_id, "ramp", "step_1")["status"] == "Inconclusive"
+    assert live.api.xcom(DAG, run_id, "resume_ramp", "step_2")["status"] == "Successful"
+    assert record.failures == []
+    live.assert_serving_only(new)

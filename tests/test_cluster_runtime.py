@@ -61,6 +61,36 @@ def test_weights_change_in_the_app_before_istio_routes_to_a_version_and_after_it
     assert served_version(deployment.app.url, "v1") == "v2"  # v1 is no longer live: assigned by weight
 
 
+def test_after_an_abort_a_rollout_task_changes_neither_the_app_nor_istio(deployment, istio):  # noqa: F811
+    """The rollback owns the traffic once the rollout is aborted: a ramp step still running is
+    refused by the app (409), and a step whose app check passed is stopped right before its Istio
+    patch, when the state is checked again."""
+    from embedding_rollout_airflow.hooks.routing import WeightsRefused
+    app = AppDeploymentHook(deployment.app.url)
+    mesh = IstioVirtualServiceHook(NAME, NAMESPACE, api_client=client.ApiClient(client.Configuration(host=istio.url)))
+    router = MeshRouterHook(mesh, app)
+    app.change_rollout("begin", "run-1", rollout={"new": "v2", "current": "v1", "plan": [50, 100]})
+    app.change_rollout("start_step", "run-1", step=0)
+    assert router.set_weights({"v1": 50, "v2": 50}, run_id="run-1", step=0) == {"v1": 50, "v2": 50}
+    app.change_rollout("abort", "run-1", reason="analysis failed")
+    with pytest.raises(WeightsRefused, match="409.*Aborted - analysis failed"):
+        router.set_weights({"v1": 0, "v2": 100}, run_id="run-1", step=0)
+    assert weights_of(istio.get(NAMESPACE, NAME)) == {"v1": 50, "v2": 50} == app.state().weights
+
+    def abort_meanwhile(weights, run_id=None, step=None):  # the rollback begins between the two checks
+        confirmed = AppDeploymentHook.set_weights(app, weights, run_id, step)
+        deployment.state.update(lambda s: dataclasses.replace(s, rollout=dataclasses.replace(
+            s.rollout, phase="Aborted")) if s.rollout.phase == "Progressing" else s)
+        return confirmed
+
+    deployment.state.update(lambda s: dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, phase="Progressing")))
+    app.set_weights = abort_meanwhile
+    with pytest.raises(WeightsRefused, match="Aborted"):
+        router.set_weights({"v1": 25, "v2": 75}, run_id="run-1", step=0)
+    assert weights_of(istio.get(NAMESPACE, NAME)) == {"v1": 50, "v2": 50}  # Istio never got the late change
+    assert router.set_weights({"v1": 100}) == {"v1": 100}  # the rollback's own change goes through
+
+
 def test_the_operator_api_refuses_bad_weights_and_changes_nothing(deployment):
     url, before = deployment.app.url, deployment.state.read()
     for weights, status in [({"v1": 90, "v2": 20}, 400), ({"v9": 100}, 409), ({"x1": 100}, 400), ({}, 400)]:

@@ -58,7 +58,7 @@ class LocalDeploymentHook(BaseHook):
         try:
             return find(self.settings.model_dir, version, artifact)
         except ModelNotFound as exc:
-            raise DeploymentStateError(str(exc), 409) from exc
+            raise DeploymentStateError(str(exc), 404) from exc
 
 
 class AppDeploymentHook(BaseHook):
