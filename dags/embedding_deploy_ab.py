@@ -13,7 +13,7 @@ from embedding_rollout_airflow.graph import (CONF, CURRENT, NEW, THRESHOLDS, con
 from embedding_rollout_airflow.operators.istio import IstioWeightOperator, router_hook
 from embedding_rollout_airflow.runtime import Runtime
 from embedding_rollout_airflow.sensors.decision import AwaitDecisionSensor
-from embedding_rollout_airflow.tasks import rollback_chosen_task
+from embedding_rollout_airflow.tasks import ASK_AGAIN_ONCE, rollback_chosen_task
 
 DOC = """
 ### A/B rollout of a new embedding model version
@@ -74,7 +74,8 @@ def embedding_deploy_ab():
              "{{ %s['current_version'] }}. Compare them on the app's /metrics, then decide." % CONF,
         options=["Promote", "Rollback"], defaults=["Rollback"], response_timeout=timedelta(hours=24),
         options_mapping={"Promote": "promote_to_all", "Rollback": "rollback_decided"},
-        doc_md="A person decides in the Airflow UI; no answer in 24 h: Rollback.")
+        doc_md="A person decides in the Airflow UI; no answer in 24 h: Rollback.",
+        **ASK_AGAIN_ONCE)
 
     @task.branch(doc_md="Promote or rollback, as decided (a timeout decides rollback).")
     def decide(ti=None) -> str:

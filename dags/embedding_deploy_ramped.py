@@ -13,7 +13,7 @@ from embedding_rollout_airflow.graph import (CURRENT, NEW, THRESHOLDS, conclude,
                                              promote_and_remove_old)
 from embedding_rollout_airflow.operators.istio import IstioWeightOperator
 from embedding_rollout_airflow.operators.ramp import PASSED, ROLLBACK, RampOperator
-from embedding_rollout_airflow.tasks import rollback_chosen_task
+from embedding_rollout_airflow.tasks import ASK_AGAIN_ONCE, rollback_chosen_task
 
 DOC = """
 ### Ramped rollout of a new embedding model version
@@ -63,7 +63,8 @@ def embedding_deploy_ramped():
              "Continue accepts this step and goes on with the ramp; Rollback sends all traffic back.",
         options=["Continue", "Rollback"], defaults=["Rollback"], response_timeout=timedelta(hours=24),
         options_mapping={"Continue": "resume_ramp", "Rollback": "rollback_chosen"},
-        doc_md="Only with on_inconclusive=ask: a person decides in the Airflow UI; no answer in 24 h: Rollback.")
+        doc_md="Only with on_inconclusive=ask: a person decides in the Airflow UI; no answer in 24 h: Rollback.",
+        **ASK_AGAIN_ONCE)
     resume = RampOperator(task_id="resume_ramp", resume=True, interval_seconds="{{ params.step_interval_seconds }}",
                           thresholds=THRESHOLDS, inconclusive_limit="{{ params.inconclusive_limit }}",
                           on_inconclusive=ROLLBACK, doc_md="The rest of the ramp after a person's Continue (a "

@@ -54,6 +54,16 @@ class LiveAirflow:
     def wait(self, dag_id: str, run_id: str, timeout: float = 900) -> dict:
         return self.api.wait(dag_id, run_id, timeout=timeout)
 
+    def answer_as_a_person(self, detail: dict, option: str, thinking_seconds: float = 3) -> dict:
+        """Answer once the task waits in ``awaiting_input`` and a moment has passed, as a person
+        does. An answer that beats the scheduler's handling of the parked worker's exit hits an
+        Airflow race (see ``tasks.ASK_AGAIN_ONCE``)."""
+        ti = detail["task_instance"]
+        self.wait_for(lambda: self.states(ti["dag_id"], ti["dag_run_id"]).get(ti["task_id"]) == "awaiting_input",
+                      timeout=120, what=f"{ti['task_id']} awaiting input")
+        time.sleep(thinking_seconds)
+        return self.api.answer_hitl(detail, option)
+
     def states(self, dag_id: str, run_id: str) -> dict[str, str]:
         return {k: t["state"] for k, t in self.api.task_instances(dag_id, run_id).items()}
 

@@ -39,9 +39,9 @@ def test_weights_change_in_the_app_before_istio_routes_to_a_version_and_after_it
     seen = []  # (Istio's weights, the app's live versions) around each Istio change
     real_set = mesh.set_weights
 
-    def watched_set(weights):
+    def watched_set(weights, precondition=None):
         seen.append((weights_of(istio.get(NAMESPACE, NAME)), set(app.state().live_versions)))
-        confirmed = real_set(weights)
+        confirmed = real_set(weights, precondition)
         seen.append((weights_of(istio.get(NAMESPACE, NAME)), set(app.state().live_versions)))
         return confirmed
 

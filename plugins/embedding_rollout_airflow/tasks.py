@@ -19,6 +19,13 @@ from .waiting import wait_until
 
 log = logging.getLogger(__name__)
 
+# For the human-in-the-loop tasks. An answer that arrives within about a second of the task starting
+# to wait can reach the scheduler before it has drained the waiting worker's exit, and the scheduler
+# then fails the task as "killed externally" (the race of apache/airflow#71172, on the resume path:
+# its guard covers only a resumed task still *scheduled*). One retry asks again instead of rolling
+# back; a person's (or a script's) next answer decides.
+ASK_AGAIN_ONCE = {"retries": 1, "retry_delay": timedelta(seconds=5)}
+
 
 def begin_rollout_task(strategy: str):
     @task(task_id="begin_rollout", retries=0,
