@@ -241,7 +241,7 @@ def backfill(store, index: str, dims: int, embed) -> dict:
     from embedding_rollout.pipeline.indexing import corpus_source, load_index
     store.create_index(index, dims, {"model_version": "bench"})
     started = now()
-    checkpoint = load_index(corpus_source(), store, index, embed, batch_size=256)
+    checkpoint = load_index(corpus_source, store, index, embed, batch_size=256)
     seconds = now() - started
     count = store.count(index)
     assert checkpoint.done and count == checkpoint.written, (count, checkpoint)
@@ -759,7 +759,7 @@ def render(results: dict) -> str:
     add("Bulk index: `create_index`, `begin_bulk_load`, `bulk_write` in batches of 500, `end_bulk_load` (Lance: "
         "`optimize`; Elasticsearch: refresh interval and replicas restored, refresh), timed from "
         "`begin_bulk_load` to the end of `end_bulk_load`; the count is checked afterwards. Backfill: "
-        "`load_index(corpus_source(), ...)` with the v2 generator over gRPC, batch 256, timed whole.")
+        "`load_index(corpus_source, ...)` with the v2 generator over gRPC, batch 256, timed whole.")
     add("")
     add("### 3. Search latency through the app vs the sum of its parts (ms)")
     add("")

@@ -284,9 +284,13 @@ def index_drop(settings: Settings, version):
 @VERSION
 @click.pass_obj
 def index_purge(settings: Settings, version):
-    """Delete the versioned delete markers (only when no backfill is running)."""
-    from .store import open_store
-    click.echo(open_store(settings).purge_tombstones(settings.index_name(version)))
+    """Delete the versioned delete markers (refused while another version is deployed)."""
+    from .domain.state import StateError
+    from .steps import purge_tombstones
+    try:
+        click.echo(purge_tombstones(settings, version))
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.group(invoke_without_command=True)

@@ -16,6 +16,10 @@ class Settings:
     model_name: str = field(default_factory=lambda: _env("ER_MODEL_NAME", "embedder"))
     store: str = field(default_factory=lambda: _env("ER_STORE", "lance"))  # lance | elasticsearch
     es_url: str = field(default_factory=lambda: _env("ER_ES_URL", "http://127.0.0.1:9200"))
+    # Per version's index. One shard holds tens of millions of 48-dim vectors; replicas >= 1 in any
+    # cluster with more than one node (the prod overlay), 0 on a single node (local, tests).
+    es_shards: int = field(default_factory=lambda: int(_env("ER_ES_SHARDS", "1")))
+    es_replicas: int = field(default_factory=lambda: int(_env("ER_ES_REPLICAS", "0")))
     index_prefix: str = field(default_factory=lambda: _env("ER_INDEX_PREFIX", "docs"))
     generator_grpc: str = field(default_factory=lambda: _env("ER_GENERATOR_GRPC", "127.0.0.1:8500"))
     generator_rest: str = field(default_factory=lambda: _env("ER_GENERATOR_REST", "http://127.0.0.1:8501"))

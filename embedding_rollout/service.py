@@ -16,7 +16,8 @@ from .domain.state import DeploymentState, StateError, StateFile, VersionSpec
 from .domain.traffic import validate_weights
 from .generator.client import GeneratorError, GeneratorTarget, generator_client
 from .pipeline.indexing import embedding_text
-from .store.base import Filters, Hit, IndexNotFound, StoredDocument, StoreUnavailable, VectorStore
+from .store.base import (Filters, Hit, IndexNotFound, InvalidDocument, StoredDocument, StoreUnavailable, VectorStore,
+                         is_date)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,22 @@ class WriteResult:
 def new_seq() -> int:
     """A document version for writes that bring none: microseconds since the epoch."""
     return time.time_ns() // 1_000
+
+
+CLOCK_AHEAD_SECONDS = 60  # how far ahead of the server clock a caller's version may be
+
+
+def checked_seq(seq: int | None) -> int:
+    """The write's version: server time, or the caller's own if it is not ahead of the server clock
+    (a version far in the future would freeze the document until then)."""
+    now = new_seq()
+    if seq is None:
+        return now
+    bound = now + CLOCK_AHEAD_SECONDS * 1_000_000
+    if not 1 <= seq <= bound:
+        raise InvalidDocument(f"version {seq} is outside 1..{bound}: versions are microseconds of server time, "
+                              f"and may be ahead of the server clock by {CLOCK_AHEAD_SECONDS} s at most")
+    return seq
 
 
 class EmbeddingService:
@@ -104,15 +121,18 @@ class EmbeddingService:
     # reported as missed, and `index repair` (run by the backfill and the promote steps) brings the
     # candidate's index up to date from the primary's before it can become stable.
     def put_document(self, doc_id: str, fields: dict, seq: int | None = None) -> WriteResult:
+        if not is_date(fields.get("date")):
+            raise InvalidDocument(f"date {fields.get('date')!r} is not a calendar date YYYY-MM-DD")
+        seq = checked_seq(seq)
         text = embedding_text(fields)
 
         def write(spec: VersionSpec, seq: int) -> bool:
             vector = self.generator(spec).embed([text])[0]
             return self.store.upsert(spec.index, StoredDocument(doc_id, seq, fields, vector))
-        return self._write_all(doc_id, seq or new_seq(), write)
+        return self._write_all(doc_id, seq, write)
 
     def delete_document(self, doc_id: str, seq: int | None = None) -> WriteResult:
-        return self._write_all(doc_id, seq or new_seq(), lambda spec, seq: self.store.delete(spec.index, doc_id, seq))
+        return self._write_all(doc_id, checked_seq(seq), lambda spec, seq: self.store.delete(spec.index, doc_id, seq))
 
     def _write_all(self, doc_id: str, seq: int, write: Callable[[VersionSpec, int], bool]) -> WriteResult:
         state = self.state()

@@ -92,13 +92,15 @@ def start_dual_write(settings: Settings, version: str) -> DeploymentState:
 
 
 def _source(settings: Settings, source: str, state: DeploymentState | None = None):
-    """Documents to index: ``corpus`` (the snapshot) or a version whose index is the source."""
+    """Documents to index, as a keyset source (``after`` -> documents above it in id order) and
+    their count: ``corpus`` (the snapshot), or a version whose index is the source (its
+    tombstones included: the new index must block old writes exactly as the source does)."""
     from .pipeline.indexing import corpus_source
     if source == "corpus":
         return corpus_source, None
     store = open_store(settings)
     index = (state or state_file(settings).read()).spec(source).index
-    return (lambda: store.scan(index)), (lambda: store.count(index))
+    return (lambda after: store.scan(index, include_deleted=True, after=after)), (lambda: store.count(index))
 
 
 def checkpoint_path(settings: Settings, version: str, source: str) -> Path:
@@ -121,7 +123,7 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
     spec = state_file(settings).read().spec(version)
     documents, count = _source(settings, source)
     total = count() if count else None
-    loaded = load_index(documents(), open_store(settings), spec.index, _embedder(settings, spec, batch_size),
+    loaded = load_index(documents, open_store(settings), spec.index, _embedder(settings, spec, batch_size),
                         total=total, batch_size=batch_size, checkpoint_path=checkpoint,
                         label=f"backfill {version} from {source}")
     if source != "corpus":
@@ -140,14 +142,16 @@ def repair(settings: Settings, version: str, source: str, batch_size: int = 256)
 
 
 def verify_backfill(settings: Settings, version: str, source: str, state: DeploymentState | None = None):
-    """Every source document is in ``version``'s index at its latest version (or newer).
+    """Every source document and tombstone is in ``version``'s index at its latest version (or
+    newer), and, when the source is a version, nothing live in the index is absent from it.
 
     ``state`` is the deployment state where the caller cannot read the state file (a cluster's
     Airflow worker gets it from the app)."""
     from .pipeline.indexing import verify_index
     state = state or state_file(settings).read()
     documents, _ = _source(settings, source, state)
-    return verify_index(documents(), open_store(settings), state.spec(version).index)
+    target = open_store(settings).scan(state.spec(version).index, include_deleted=True)
+    return verify_index(documents(None), target, both_ways=source != "corpus")
 
 
 def set_weights(settings: Settings, weights: dict[str, int]) -> DeploymentState:
@@ -168,8 +172,9 @@ def promote(settings: Settings, version: str, passes: int = 5, run_id: str | Non
             report = verify_backfill(settings, version, stable)
             if report.complete:
                 break
-            log.warning("pass %d: %s still lacks %d and is behind on %d documents of %s (%s)", attempt, version,
-                        report.missing, report.behind, stable, report.examples[:5])
+            log.warning("pass %d: %s lacks %d, is behind on %d documents of %s, has %d extra and %d "
+                        "duplicated (%s)", attempt, version, report.missing, report.behind, stable, report.extra,
+                        report.duplicated, report.examples[:5])
         else:
             raise RuntimeError(f"{version} does not hold every write of {stable} after {passes} repair passes "
                                f"(e.g. {report.examples[:5]}): not promoted")
@@ -200,6 +205,13 @@ def finish_rollout(settings: Settings, run_id: str) -> DeploymentState:
     finished = change_rollout(settings, "finish", run_id)
     log.info("%s", finished.rollout.describe())
     return finished
+
+
+def purge_tombstones(settings: Settings, version: str) -> int:
+    """Delete ``version``'s tombstones, only while it is the one version deployed."""
+    state = state_file(settings).read()
+    state.check_purge(version)
+    return open_store(settings).purge_tombstones(state.spec(version).index)
 
 
 def remove_version(settings: Settings, version: str) -> DeploymentState:

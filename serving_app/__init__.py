@@ -8,6 +8,7 @@ from pathlib import Path
 
 import connexion
 import uvicorn
+from connexion.middleware import MiddlewarePosition
 
 from embedding_rollout.config import Settings
 from embedding_rollout.domain.decisions import DecisionLog
@@ -15,6 +16,7 @@ from embedding_rollout.domain.state import StateFile
 from embedding_rollout.service import EmbeddingService
 from embedding_rollout.store import open_store
 
+from .guards import RequestBodyGuard
 from .metrics import AppMetrics
 
 
@@ -36,6 +38,7 @@ def create_app(settings: Settings | None = None, service: EmbeddingService | Non
                                    protocol=settings.generator_protocol, timeout=settings.generator_timeout)
     app = connexion.FlaskApp(__name__, specification_dir=str(Path(__file__).parent))
     app.add_api("openapi.yaml", strict_validation=True, validate_responses=False)
+    app.add_middleware(RequestBodyGuard, position=MiddlewarePosition.BEFORE_EXCEPTION)
     app.app.extensions["embedding_rollout"] = AppContext(service, AppMetrics(), decisions, settings)
     return app
 

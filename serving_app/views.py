@@ -19,7 +19,7 @@ from embedding_rollout.model.repository import ModelNotFound, catalogue, find
 from embedding_rollout.pipeline.indexing import Checkpoint
 from embedding_rollout.steps import checkpoint_path
 from embedding_rollout.generator.client import VERSION_HEADER, GeneratorError, GeneratorUnavailable
-from embedding_rollout.store.base import Filters, IndexNotFound, InvalidFilter, StoreUnavailable
+from embedding_rollout.store.base import Filters, IndexNotFound, InvalidDocument, InvalidFilter, StoreUnavailable
 
 log = logging.getLogger(__name__)
 USER_HEADER, USER_COOKIE = "x-user-id", "uid"
@@ -37,6 +37,7 @@ def problem(status: int, title: str, detail: str, headers: dict | None = None):
 
 _FAILURES = [  # (exception, status, title): what a client can do about it decides the status
     (InvalidFilter, 400, "Bad Request"),
+    (InvalidDocument, 400, "Bad Request"),
     (GeneratorUnavailable, 503, "Generator Unavailable"),
     (GeneratorError, 503, "Generator Error"),
     (StoreUnavailable, 503, "Store Unavailable"),
@@ -174,7 +175,10 @@ def list_models():
 
 def get_model(version: str, artifact: str | None = None):
     settings = _ctx().settings
-    folder = None if artifact is None else Path(artifact).resolve()
+    try:
+        folder = None if artifact is None else Path(artifact).resolve()
+    except (ValueError, OSError) as exc:  # a NUL byte, a name the filesystem refuses
+        return problem(400, "Bad Request", f"artifact {artifact!r} is not a usable path: {exc}")
     # Only what the step pods see too: the shared volumes, not the app's own filesystem.
     if folder and not any(folder.is_relative_to(root.resolve()) for root in (settings.model_base, settings.home)):
         return problem(400, "Bad Request", f"artifact {artifact} is not on a shared volume "

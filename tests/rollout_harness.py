@@ -17,17 +17,19 @@ class LocalDeployment:
     started elsewhere, e.g. Airflow's), servers on ephemeral ports. ``monkeypatch`` (or anything with
     its ``setenv``) undoes the environment afterwards."""
 
-    def __init__(self, home, model_repo, monkeypatch):
+    def __init__(self, home, model_repo, monkeypatch, store: str = "lance", es_url: str = "",
+                 index_prefix: str = "docs"):
         models = home / "models" / "embedder"
         for number in (1, 2):
             shutil.copytree(model_repo / str(number), models / str(number))
         manager = ModelManager("embedder", models)
         manager.serve([1])
         self.model_server = ModelServer(manager, rest_port=0, grpc_port=0).start()
-        self.env = {"ER_HOME": str(home), "ER_STORE": "lance",
+        self.env = {"ER_HOME": str(home), "ER_STORE": store,
                     "ER_GENERATOR_GRPC": f"127.0.0.1:{self.model_server.grpc_port}",
                     "ER_GENERATOR_REST": f"http://127.0.0.1:{self.model_server.rest_port}",
-                    "ER_AIRFLOW_RUNTIME": "local"}
+                    "ER_AIRFLOW_RUNTIME": "local", "ER_INDEX_PREFIX": index_prefix,
+                    **({"ER_ES_URL": es_url} if es_url else {})}
         for key, value in self.env.items():
             monkeypatch.setenv(key, value)
         self.settings = Settings()

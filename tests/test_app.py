@@ -34,7 +34,7 @@ def deployment(request, model_server, embedders, tmp_path_factory):
     for version in ("v1", "v2"):
         spec = spec_for(model_server, version, f"{prefix}-{version}")
         store.create_index(spec.index, spec.dims, {"model_version": version})
-        load_index(islice(corpus_source(), CORPUS_SLICE), store, spec.index, embedders[version].embed)
+        load_index(lambda after: islice(corpus_source(after), CORPUS_SLICE), store, spec.index, embedders[version].embed)
         state.update(lambda s, spec=spec: s.with_version(spec).with_write_target(spec.name))
     state.update(lambda s: s.with_weights({"v1": 50, "v2": 50}))
     decisions = DecisionLog(home / "decisions.jsonl")
@@ -181,6 +181,57 @@ def test_malformed_json_and_bad_documents_get_400(deployment):
     assert bad_id.status_code == 400
     bad_version = requests.delete(f"{url}/documents/x1", params={"version": "-3"})
     assert bad_version.status_code == 400
+
+
+DOCUMENT = {"title": "t", "text": "x", "category": "c", "date": "2020-01-01"}
+
+
+@pytest.mark.parametrize("method,path,data,problem", [
+    ("POST", "/search", b'{"query": "\xff\xfe"}', "not UTF-8"),
+    ("POST", "/rollout/decisions", b'{"new_version": "v2", "action": "\xff"}', "not UTF-8"),
+    ("POST", "/search", b'{"query": "a\\ud800b"}', "lone surrogate"),
+    ("PUT", "/documents/odd-1", b'{"title": "a\\udc00", "text": "x", "category": "c", "date": "2020-01-01"}',
+     "lone surrogate"),
+    ("POST", "/search", b"[" * 100_000 + b"]" * 100_000, "nested"),
+    ("PUT", "/documents/odd-2", b'{"title": "t", "text": "x", "category": "c", "date": "not-a-date"}', "date"),
+    ("PUT", "/documents/odd-3", b'{"title": "t", "text": "x", "category": "c", "date": "2024-01-01T00:00:00"}',
+     "date"),
+    ("PUT", "/documents/odd-4", b'{"title": "t", "text": "x", "category": "c", "date": "2024-02-31"}', "date"),
+    ("POST", "/search", b'{"query": "x", "filters": {"date_to": "2024-02-31"}}', "date"),
+    ("DELETE", "/documents/odd-5?version=9223372036854775808", None, "maximum"),
+    ("GET", "/deployment/models/v1?artifact=%00", None, "artifact"),
+])
+def test_schema_valid_but_odd_input_gets_a_4xx_naming_the_problem_never_a_500(deployment, method, path, data,
+                                                                                problem):
+    url, state, store, _ = deployment
+    counts = {v: store.count(state.read().spec(v).index) for v in ("v1", "v2")}
+    reply = requests.request(method, f"{url}{path}", data=data, headers={"content-type": "application/json"},
+                             timeout=30)
+    assert 400 <= reply.status_code < 500, reply.text
+    assert reply.headers["content-type"].startswith("application/problem+json")
+    assert problem in reply.json()["detail"], reply.json()
+    assert {v: store.count(state.read().spec(v).index) for v in ("v1", "v2")} == counts
+
+
+def test_corpus_ids_with_a_tilde_can_be_written_and_deleted(deployment):
+    url, state, store, _ = deployment
+    doc_id = "3.10.0a1:bpo-1635741~8"
+    assert requests.put(f"{url}/documents/{doc_id}", json=DOCUMENT).status_code == 200
+    assert requests.delete(f"{url}/documents/{doc_id}").status_code == 200
+    assert store.get_many(state.read().spec("v1").index, [doc_id])[doc_id].deleted
+
+
+def test_a_version_beyond_the_clock_is_refused_naming_the_bound(deployment):
+    """Versions are server time in microseconds (a caller may bring its own event time): one far in
+    the future would make the document unchangeable until then."""
+    url, state, store, _ = deployment
+    reply = requests.delete(f"{url}/documents/frozen-1", params={"version": 2 ** 62})
+    assert reply.status_code == 400 and "server clock" in reply.json()["detail"]
+    assert "frozen-1" not in store.get_many(state.read().spec("v1").index, ["frozen-1"])
+    reply = requests.put(f"{url}/documents/frozen-1", json={**DOCUMENT, "version": 2 ** 62})
+    assert reply.status_code == 400 and "server clock" in reply.json()["detail"]
+    now = time.time_ns() // 1000
+    assert requests.put(f"{url}/documents/frozen-1", json={**DOCUMENT, "version": now}).status_code == 200
 
 
 def test_health_readiness_and_metrics(deployment):

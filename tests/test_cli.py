@@ -96,3 +96,24 @@ def test_state_and_rollout_show_without_a_sub_command(tmp_path, monkeypatch):
     assert aborted.exit_code == 0 and "Aborted - by hand" in aborted.output
     refused = CliRunner().invoke(main, ["rollout", "abort", "--run-id", "run-8"])
     assert refused.exit_code == 1 and "run run-8 does not hold the deployment" in refused.output
+
+
+def test_tombstones_cannot_be_purged_while_another_version_is_deployed(tmp_path, monkeypatch):
+    from embedding_rollout.domain.state import StateFile, VersionSpec
+    from embedding_rollout.store.base import StoredDocument
+    from embedding_rollout.store.lance import LanceStore
+    monkeypatch.setenv("ER_HOME", str(tmp_path))
+    store = LanceStore(str(tmp_path / "lancedb"))
+    for version in ("v1", "v2"):
+        store.create_index(f"docs-{version}", 8, {"model_version": version})
+        store.delete(f"docs-{version}", "gone", 5)
+    state = StateFile(tmp_path / "state.json")
+    state.update(lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_version(VersionSpec("v2", 8, "docs-v2"))
+                 .with_write_target("v1").with_write_target("v2").with_weights({"v1": 100}))
+    refused = CliRunner().invoke(main, ["index", "purge-tombstones", "--version", "v1"])
+    assert refused.exit_code == 1 and "while v2 is deployed" in refused.output, refused.output
+    assert store.get_many("docs-v1", ["gone"])["gone"].deleted  # the tombstone is still there
+    state.update(lambda s: s.without_version("v2"))
+    purged = CliRunner().invoke(main, ["index", "purge-tombstones", "--version", "v1"])
+    assert purged.exit_code == 0 and purged.output.strip() == "1", purged.output
+    assert LanceStore(str(tmp_path / "lancedb")).get_many("docs-v1", ["gone"]) == {}

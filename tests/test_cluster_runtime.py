@@ -115,7 +115,7 @@ def test_backfill_sensor_in_the_cluster_reads_state_and_checkpoint_from_the_app(
 
     steps.backfill(settings, "v2", "v1")
     checkpoint = requests.get(f"{deployment.app.url}/deployment/backfills/v2", params={"source": "v1"}).json()
-    assert checkpoint["done"] and checkpoint["position"] == open_store(settings).count("docs-v1")
+    assert checkpoint["done"] and checkpoint["loaded"] == open_store(settings).count("docs-v1")
     assert sensor.poke({}) is True
 
     store = open_store(settings)

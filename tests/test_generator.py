@@ -137,6 +137,43 @@ def test_loading_a_version_at_run_time_does_not_fail_requests_to_the_old_one(mod
         server.stop()
 
 
+def test_two_deploys_at_once_keep_each_others_version(model_repo, tmp_path):
+    """Two deploy steps (two processes, two admins) change the served set at the same moment: a
+    reload lists every version to serve, so each must see the other's, even while it loads."""
+    repo = tmp_path / "embedder"
+    repo.mkdir()
+    for number in (1, 2):
+        shutil.copytree(model_repo / str(number), repo / str(number))
+    shutil.copytree(model_repo / "1", repo / "3")
+    manager = ModelManager("embedder", repo)
+    manager.serve([1])
+    server = ModelServer(manager, rest_port=0, grpc_port=0).start()
+    try:
+        address = f"127.0.0.1:{server.grpc_port}"
+        lock = tmp_path / "model-server.lock"
+        for round_ in range(3):
+            admins = [ModelServerAdmin(address, "embedder", str(repo), lock_path=lock) for _ in range(2)]
+            start, errors = threading.Barrier(2), []
+
+            def deploy(admin, number):
+                start.wait()
+                try:
+                    admin.load(number)
+                except GeneratorError as exc:
+                    errors.append((number, exc))
+
+            threads = [threading.Thread(target=deploy, args=(a, n)) for a, n in zip(admins, (2, 3))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert errors == [] and admins[0].served() == [1, 2, 3], (round_, errors, admins[0].statuses())
+            for number in (2, 3):
+                admins[0].unload(number)
+    finally:
+        server.stop()
+
+
 def test_a_broken_version_is_reported_not_served(model_repo, tmp_path):
     repo = tmp_path / "embedder"
     (repo / "3").mkdir(parents=True)

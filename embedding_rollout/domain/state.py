@@ -8,18 +8,17 @@ exclusive ``flock`` and replace the file atomically, so readers never see half a
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import inspect
 import json
 import os
 import random
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..locks import exclusive_lock
 from .rollout import PROMOTED, TRANSITIONS, Rollout, RolloutError, RolloutInProgress
 from .traffic import InvalidWeights, assign_version, validate_weights
 from .versions import is_version, parse_version
@@ -145,6 +144,16 @@ class DeploymentState:
             write_targets=tuple(t for t in self.write_targets if t != version),
         ).validate()
 
+    def check_purge(self, version: str) -> None:
+        """Tombstones are what stops an older write (a backfill's, a repair's, a late retry's) from
+        bringing a deleted document back; they may go only while no other version exists that
+        such writes could come from or go to."""
+        others = sorted(v for v in self.versions if v != version)
+        if others:
+            raise StateError(f"cannot purge the tombstones of {version} while {', '.join(others)} "
+                             f"{'is' if len(others) == 1 else 'are'} deployed: a backfill or repair "
+                             "between them would resurrect deleted documents; remove the other versions first")
+
     # -- the rollout --------------------------------------------------------------------------
     def _rollout_of(self, run_id: str) -> Rollout:
         if self.rollout is None:
@@ -247,15 +256,8 @@ class StateFile:
             self._cache = (stamp, state)
         return state
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self):
+        return exclusive_lock(self._lock_path)
 
     def update(self, change: Callable[[DeploymentState], DeploymentState],
                expected_revision: int | None = None) -> DeploymentState:

@@ -42,7 +42,8 @@ class ModelServerFleet:
 def model_server_admin(settings: Settings):
     from .admin import ModelServerAdmin
     serving_path = str(Path(settings.serving_model_path or settings.model_dir))
-    return ModelServerAdmin(settings.generator_grpc, settings.model_name, serving_path)
+    return ModelServerAdmin(settings.generator_grpc, settings.model_name, serving_path,
+                            lock_path=settings.home / "locks" / "model-server.lock")
 
 
 def generator_fleet(settings: Settings) -> GeneratorFleet:

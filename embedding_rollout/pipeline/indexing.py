@@ -1,9 +1,11 @@
 """Bulk indexing: embed source documents with one version's generator and write them to its index.
 
 Used for the initial load of a version from the corpus and for the backfill of a new version from
-the stable version's index. Resumable: a checkpoint file records how far the source was consumed;
-re-writing a document is harmless because writes are newer-wins by ``seq``. Memory is bounded by the
-batch. The index's bulk-load settings are restored even when the load fails.
+the stable version's index. Sources are read in keyset order (ascending id, from any id on), so a
+resume starts after the last id written whatever the writes meanwhile did to the source's physical
+order; the checkpoint records that id after every batch, so a resume re-embeds at most one batch.
+Re-writing a document is harmless because writes are newer-wins by ``seq``. Memory is bounded by
+the batch. The index's bulk-load settings are restored even when the load fails.
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ CORPUS_SEQ = 1  # the version every corpus document starts at; streaming updates
 
 @dataclass
 class Checkpoint:
-    """How far a load got; ``done`` only once every source document was written."""
+    """How far a load got: every source document up to ``last_id`` (in id order) is written;
+    ``done`` only once every source document was written and the serving settings restored."""
 
     index: str
-    position: int = 0
+    last_id: str | None = None
+    loaded: int = 0  # source documents consumed, for progress
     written: int = 0
     stale: int = 0
     done: bool = False
@@ -38,8 +42,8 @@ class Checkpoint:
     def load(cls, path: Path | None, index: str) -> "Checkpoint":
         if path and path.exists():
             data = json.loads(path.read_text())
-            if data.get("index") == index:
-                return cls(**data)
+            if data.get("index") == index and "last_id" in data:  # an older format starts over
+                return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         return cls(index)
 
     def save(self, path: Path | None) -> None:
@@ -94,11 +98,12 @@ def embedding_text(fields) -> str:
     return Document("", fields.get("title", ""), fields.get("text", ""), "", "").embedding_text()
 
 
-def corpus_source(path=None) -> Iterator[StoredDocument]:
-    """The corpus as stored documents at their initial version."""
-    for doc in load_documents(path):
-        yield StoredDocument(doc.id, CORPUS_SEQ, {"title": doc.title, "text": doc.text,
-                                                  "category": doc.category, "date": doc.date})
+def corpus_source(after: str | None = None, path=None) -> Iterator[StoredDocument]:
+    """The corpus as stored documents at their initial version, in id order, above ``after``."""
+    for doc in sorted(load_documents(path), key=lambda d: d.id):
+        if after is None or doc.id > after:
+            yield StoredDocument(doc.id, CORPUS_SEQ, {"title": doc.title, "text": doc.text,
+                                                      "category": doc.category, "date": doc.date})
 
 
 def embed_batch(docs: list[StoredDocument], embed: Embedder) -> list[StoredDocument]:
@@ -108,65 +113,113 @@ def embed_batch(docs: list[StoredDocument], embed: Embedder) -> list[StoredDocum
     return [d if d.deleted else StoredDocument(d.id, d.seq, d.fields, next(embedded)) for d in docs]
 
 
-def load_index(source: Iterable[StoredDocument], store: VectorStore, index: str, embed: Embedder, *,
+KeysetSource = Callable[[str | None], Iterable[StoredDocument]]
+"""``after`` -> the source's documents with an id above ``after`` (all for None), in ascending id order."""
+
+
+def load_index(source: KeysetSource, store: VectorStore, index: str, embed: Embedder, *,
                total: int | None = None, batch_size: int = 256, checkpoint_path: Path | None = None,
                label: str = "backfill") -> Checkpoint:
-    """Embed and bulk-write every source document into ``index``, resuming from the checkpoint."""
+    """Embed and bulk-write every source document into ``index``, resuming after the checkpoint's
+    last id."""
     checkpoint = Checkpoint.load(checkpoint_path, index)
     if checkpoint.done:
+        store.end_bulk_load(index)  # the process may have died between saving "done" and this
         log.info("%s: checkpoint says %s is complete (%d written); nothing to do", label, index, checkpoint.written)
         return checkpoint
     progress = Progress(total, label)
-    progress.advance(checkpoint.position)
+    progress.advance(checkpoint.loaded)
     store.begin_bulk_load(index)
     try:
-        for batch in batched(islice(source, checkpoint.position, None), batch_size):
+        for batch in batched(in_id_order(source(checkpoint.last_id), checkpoint.last_id), batch_size):
             result: BulkResult = store.bulk_write(index, embed_batch(batch, embed))
             if result.failed:
                 raise RuntimeError(f"{label}: {len(result.failed)} writes failed, first: {result.failed[0]}")
-            checkpoint.position += len(batch)
+            checkpoint.last_id = batch[-1].id
+            checkpoint.loaded += len(batch)
             checkpoint.written += result.written
             checkpoint.stale += result.stale
             checkpoint.save(checkpoint_path)
             progress.advance(len(batch))
-        checkpoint.done = True
-        checkpoint.save(checkpoint_path)
     finally:
         store.end_bulk_load(index)  # serving settings come back even when the load failed
+    checkpoint.done = True
+    checkpoint.save(checkpoint_path)
     log.info("%s: %s complete: %d written, %d already newer, %.1fs", label, index, checkpoint.written,
              checkpoint.stale, time.monotonic() - progress.started)
     return checkpoint
 
 
+def in_id_order(documents: Iterable[StoredDocument], after: str | None = None) -> Iterator[StoredDocument]:
+    """Pass ``documents`` through, refusing any that breaks ascending id order: a resume after the
+    last id written is only correct if the source really is in that order."""
+    previous = after
+    for doc in documents:
+        if previous is not None and doc.id <= previous:
+            raise RuntimeError(f"source out of keyset order: {doc.id!r} after {previous!r}")
+        previous = doc.id
+        yield doc
+
+
 @dataclass
 class Verification:
-    """Result of comparing a source with an index document by document."""
+    """Two id-ordered scans, source and target, compared document by document (tombstones too)."""
 
-    checked: int = 0
-    missing: int = 0   # in the source, absent from the index
-    behind: int = 0    # present, but at an older version
+    checked: int = 0         # source documents and tombstones
+    target_checked: int = 0  # target rows
+    missing: int = 0         # in the source (live or deleted), absent from the target
+    behind: int = 0          # in both, the target at an older version
+    extra: int = 0           # live in the target, absent from the source
+    duplicated: int = 0      # ids with more than one row in the target
     examples: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return self.missing == 0 and self.behind == 0
+        return self.missing == self.behind == self.extra == self.duplicated == 0
+
+    def note(self, kind: str, doc_id: str, sample_limit: int = 20) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.examples) < sample_limit:
+            self.examples.append(doc_id)
 
 
-def verify_index(source: Iterable[StoredDocument], store: VectorStore, index: str,
-                 batch_size: int = 500, sample_limit: int = 20) -> Verification:
-    """Every source document must be in ``index`` at its version or newer (a tombstone counts)."""
+def verify_index(source: Iterable[StoredDocument], target: Iterable[StoredDocument],
+                 both_ways: bool = True) -> Verification:
+    """Every source document and tombstone is in the target at its version or newer, and (with
+    ``both_ways``) nothing live in the target is absent from the source: a merge of two scans in
+    ascending id order (``include_deleted``), linear in N, memory bounded by the scans' batches."""
     report = Verification()
-    for batch in batched(source, batch_size):
-        stored = store.get_many(index, [d.id for d in batch])
-        for doc in batch:
-            found = stored.get(doc.id)
-            if found is None or found.seq < doc.seq:
-                report.missing += found is None
-                report.behind += found is not None
-                if len(report.examples) < sample_limit:
-                    report.examples.append(doc.id)
-        report.checked += len(batch)
+    sources, targets = in_id_order(source), _rows_by_id(target, report)
+    src, tgt = next(sources, None), next(targets, None)
+    while src is not None or tgt is not None:
+        if tgt is None or (src is not None and src.id < tgt.id):
+            report.checked += 1
+            report.note("missing", src.id)
+            src = next(sources, None)
+        elif src is None or tgt.id < src.id:
+            if both_ways and not tgt.deleted:
+                report.note("extra", tgt.id)
+            tgt = next(targets, None)
+        else:
+            report.checked += 1
+            if tgt.seq < src.seq:
+                report.note("behind", src.id)
+            src, tgt = next(sources, None), next(targets, None)
     return report
+
+
+def _rows_by_id(rows: Iterable[StoredDocument], report: Verification) -> Iterator[StoredDocument]:
+    """The target's rows in id order, one per id: a second row of one id is counted, not compared."""
+    previous = None
+    for row in rows:
+        report.target_checked += 1
+        if previous is not None and row.id == previous.id:
+            report.note("duplicated", row.id)
+            continue
+        if previous is not None and row.id < previous.id:
+            raise RuntimeError(f"target out of keyset order: {row.id!r} after {previous.id!r}")
+        previous = row
+        yield row
 
 
 @dataclass

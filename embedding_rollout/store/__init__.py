@@ -10,8 +10,9 @@ def open_store(settings) -> VectorStore:
     """The backend the settings name: ``lance`` (embedded default) or ``elasticsearch``."""
     if settings.store == "lance":
         from .lance import LanceStore
-        return LanceStore(settings.lance_uri)
+        return LanceStore(settings.lance_uri, timeout=settings.store_timeout)
     if settings.store == "elasticsearch":
         from .elastic import ElasticsearchStore
-        return ElasticsearchStore(settings.es_url, timeout=settings.store_timeout)
+        return ElasticsearchStore(settings.es_url, timeout=settings.store_timeout, replicas=settings.es_replicas,
+                                  shards=settings.es_shards)
     raise ValueError(f"unknown store {settings.store!r}: use 'lance' or 'elasticsearch'")

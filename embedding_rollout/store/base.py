@@ -7,6 +7,7 @@ so an older write arriving after a delete cannot bring the document back.
 """
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,21 @@ class IndexNotFound(LookupError):
 
 class InvalidFilter(ValueError):
     """A search filter on an unknown field or with a malformed value."""
+
+
+class InvalidDocument(ValueError):
+    """A document write the store must not take: a malformed field or an out-of-bounds version."""
+
+
+def is_date(value) -> bool:
+    """A calendar date, YYYY-MM-DD (what both backends store and range-filter on)."""
+    if not (isinstance(value, str) and _DATE.match(value)):
+        return False
+    try:
+        dt.date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,7 @@ class Filters:
             raise InvalidFilter("filter 'category' must be a string or a list of strings")
         for key in ("date_from", "date_to"):
             value = raw.get(key)
-            if value is not None and not (isinstance(value, str) and _DATE.match(value)):
+            if value is not None and not is_date(value):
                 raise InvalidFilter(f"filter '{key}' must be a date YYYY-MM-DD, got {value!r}")
         return cls(category, raw.get("date_from"), raw.get("date_to"))
 
@@ -112,8 +128,11 @@ class VectorStore(Protocol):
     def count(self, index: str) -> int:
         """Live documents (tombstones not counted)."""
 
-    def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False) -> Iterator[StoredDocument]:
-        """Every document (without vectors) written before the scan began, memory bounded by the batch."""
+    def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False,
+             after: str | None = None) -> Iterator[StoredDocument]:
+        """Every document (without vectors) with an id above ``after``, in ascending id order
+        (keyset pages: a scan resumed from an id is correct whatever the writes did meanwhile);
+        every write acknowledged before the scan began is seen; memory bounded by the batch."""
 
     def begin_bulk_load(self, index: str) -> None: ...
 

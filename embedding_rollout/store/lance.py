@@ -1,20 +1,27 @@
 """The embedded default: LanceDB tables on local disk, no server.
 
-Newer-wins writes are a conditional ``merge_insert`` (``target.seq < source.seq``), which Lance
-commits atomically and retries on conflicts, so several processes can write one table at once.
-Every write makes a table version; ``optimize`` compacts them after bulk loads.
+Newer-wins writes are a conditional ``merge_insert`` (``target.seq < source.seq``). Lance's own
+conflict detection does not see two writers inserting the same new key (lance-format/lance#4585:
+both commits add a fragment and touch nothing in common), so every write to a table goes through
+one writer at a time: an exclusive ``flock`` per table, held by the app's streaming writes and a
+backfill's bulk writes alike, around a merge planned on the table's latest version. Every write
+makes a table version; ``optimize`` compacts them after bulk loads.
 """
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 import lancedb
+from lancedb.query import ColumnOrdering
 import numpy as np
 import pyarrow as pa
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .base import (BulkResult, Filters, Hit, IndexNotFound, StoredDocument, StoreUnavailable, latest_per_id)
 
@@ -50,18 +57,74 @@ def filter_sql(filters: Filters) -> str:
     return " AND ".join(clauses)
 
 
-def _commit_conflict(exc: BaseException) -> bool:
-    return "commit conflict" in str(exc).lower()
+class TableWriteLocks:
+    """One writer at a time per table, across this process's threads (a lock they queue on) and
+    the other processes on the machine (the app, a backfill step, the CLI: an exclusive ``flock``
+    on a file per table). Waiting is bounded; a writer that cannot get its turn in time gets
+    :class:`StoreUnavailable` (the app's 503), not a hung request."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._threads: dict[str, threading.Lock] = {}
+        self._registry = threading.Lock()
+
+    def _thread_lock(self, index: str) -> threading.Lock:
+        with self._registry:
+            return self._threads.setdefault(index, threading.Lock())
+
+    @contextmanager
+    def hold(self, index: str, timeout: float) -> Iterator[None]:
+        deadline = time.monotonic() + timeout
+        local = self._thread_lock(index)
+        if not local.acquire(timeout=timeout):
+            raise self._no_turn(index, timeout)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(self.directory / f"{index}.lock", "a+") as handle:
+                self._flock(handle, index, timeout, deadline)
+                held = time.monotonic()
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    if time.monotonic() - held > 0.5:
+                        log.warning("a write held lance table %s for %.2fs", index, time.monotonic() - held)
+        finally:
+            local.release()
+
+    def _flock(self, handle, index: str, timeout: float, deadline: float) -> None:
+        pause = 0.0005  # only other processes compete here, one writer each
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise self._no_turn(index, timeout) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
+
+    @staticmethod
+    def _no_turn(index: str, timeout: float) -> StoreUnavailable:
+        return StoreUnavailable(f"lance table {index}: no turn to write within {timeout:g}s "
+                                "(other writers hold it)")
 
 
 class LanceStore:
-    COMPACT_EVERY = 500  # streaming writes between background compactions of a table
+    # Streaming writes between background compactions of a table. Compaction holds the write lock,
+    # so it must stay short next to ER_STORE_TIMEOUT: folding 100 one-row fragments of a 10k table
+    # takes ~0.16 s, 500 took ~1.4 s on the 2-core machine.
+    COMPACT_EVERY = 100
+    BULK_WAIT = 60.0  # a bulk batch waits this long for its turn; streaming writes wait ``timeout``
 
-    def __init__(self, uri: str, consistency_seconds: float = 0.2):
-        # Re-check the table's latest version at most this often: other processes' writes
-        # become visible to this one well within a second.
+    def __init__(self, uri: str, consistency_seconds: float = 0.2, timeout: float = 2.0):
+        # Reads re-check the table's latest version at most this often: other processes' writes
+        # become visible to this one well within a second. Writes check out the latest version
+        # under the write lock, where nothing newer can appear.
         self.uri = uri
+        self.timeout = timeout
         self.db = lancedb.connect(uri, read_consistency_interval=dt.timedelta(seconds=consistency_seconds))
+        self._locks = TableWriteLocks(Path(uri) / "_write_locks")
         self._tables: dict[str, object] = {}
         self._writes: dict[str, int] = {}
         self._compacting = threading.Lock()
@@ -114,18 +177,24 @@ class LanceStore:
                          **{f: fields.get(f) for f in ("title", "text", "category", "date")}})
         return pa.Table.from_pylist(rows, schema=schema)
 
-    def _merge(self, index: str, docs: list[StoredDocument]):
-        table = self._table(index)
-        try:
-            return (table.merge_insert("id")
-                    .when_matched_update_all(where="target.seq < source.seq")
-                    .when_not_matched_insert_all()
-                    .execute(self._rows(index, docs)))
-        except OSError as exc:
-            raise StoreUnavailable(f"lance write to {index} failed: {exc}") from exc
+    def _merge(self, index: str, docs: list[StoredDocument], wait: float):
+        rows = self._rows(index, docs)
+        with self._locks.hold(index, wait):
+            table = self._table(index)
+            try:
+                # Plan on the latest version, whoever wrote it: a merge planned on an older one
+                # would not see another process's insert of the same id, and insert it again.
+                table.checkout_latest()
+                result = (table.merge_insert("id")
+                          .when_matched_update_all(where="target.seq < source.seq")
+                          .when_not_matched_insert_all()
+                          .execute(rows))
+            except (OSError, RuntimeError) as exc:  # I/O, or Lance giving up on a commit
+                raise StoreUnavailable(f"lance write to {index} failed: {exc}") from exc
+        return result
 
     def upsert(self, index: str, doc: StoredDocument) -> bool:
-        result = self._merge(index, [doc])
+        result = self._merge(index, [doc], self.timeout)
         self._count_write(index)
         return result.num_inserted_rows + result.num_updated_rows > 0
 
@@ -142,15 +211,19 @@ class LanceStore:
         finally:
             self._compacting.release()
 
-    def _optimize(self, index: str) -> None:
-        """Fold small fragments and drop old versions. A concurrent write (a streaming update) makes
-        Lance refuse the rewrite with a retryable commit conflict: try again on the new version, and
-        since compaction is an optimisation, log rather than fail when it keeps losing."""
+    def _optimize(self, index: str, index_ids: bool = False) -> None:
+        """Fold small fragments, bring the id index up to date and drop old versions: a writer
+        like the others, under the table's write lock, on the latest version (a compaction racing
+        other writers' merges is where Lance left duplicate rows). Compaction is an optimisation:
+        when it cannot get its turn or fails, it is logged, never raised."""
         try:
-            for attempt in Retrying(retry=retry_if_exception(_commit_conflict), stop=stop_after_attempt(5),
-                                    wait=wait_exponential(multiplier=0.1, max=2), reraise=True):
-                with attempt:
-                    self._table(index).optimize(cleanup_older_than=dt.timedelta(minutes=1))
+            with self._locks.hold(index, max(self.timeout, self.BULK_WAIT)):
+                table = self._table(index)
+                table.checkout_latest()
+                if index_ids and table.count_rows() and not any(list(i.columns) == ["id"]
+                                                                for i in table.list_indices()):
+                    table.create_scalar_index("id", index_type="BTREE")
+                table.optimize(cleanup_older_than=dt.timedelta(minutes=1))
         except Exception as exc:
             log.warning("compacting %s failed: %s", index, exc)
 
@@ -161,7 +234,7 @@ class LanceStore:
         batch = latest_per_id(docs)
         if not batch:
             return BulkResult()
-        result = self._merge(index, batch)
+        result = self._merge(index, batch, max(self.timeout, self.BULK_WAIT))
         written = result.num_inserted_rows + result.num_updated_rows
         return BulkResult(written=written, stale=len(batch) - written)
 
@@ -169,13 +242,16 @@ class LanceStore:
         self._table(index)  # nothing to switch off: Lance has no refresh cycle
 
     def end_bulk_load(self, index: str) -> None:
-        # Fold the many small versions a load makes into few files, and drop the old versions.
-        self._optimize(index)
+        # Index ``id`` (so that merges and lookups by id do not scan the table), fold the many
+        # small versions a load makes into few files, and drop the old versions.
+        self._optimize(index, index_ids=True)
 
     def purge_tombstones(self, index: str) -> int:
-        table = self._table(index)
-        count = table.count_rows("deleted = true")
-        table.delete("deleted = true")
+        with self._locks.hold(index, max(self.timeout, self.BULK_WAIT)):
+            table = self._table(index)
+            table.checkout_latest()
+            count = table.count_rows("deleted = true")
+            table.delete("deleted = true")
         return count
 
     # -- reads ---------------------------------------------------------------------------------
@@ -191,19 +267,28 @@ class LanceStore:
         if not ids:
             return {}
         where = f"id IN ({', '.join(_quote(i) for i in ids)})"
-        rows = self._table(index).search().where(where).select(_COLUMNS).limit(len(ids)).to_list()
+        rows = self._table(index).search().where(where).select(_COLUMNS).limit(None).to_list()
         return {row["id"]: _document(row) for row in rows}
 
     def count(self, index: str) -> int:
         return self._table(index).count_rows("deleted = false")
 
-    def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False) -> Iterator[StoredDocument]:
-        query = self._table(index).search().select(_COLUMNS).limit(None)
-        if not include_deleted:
-            query = query.where("deleted = false")
-        for batch in query.to_batches(batch_size):  # a stream of record batches, not the whole table
-            for row in batch.to_pylist():
+    def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False,
+             after: str | None = None) -> Iterator[StoredDocument]:
+        # One query per page on the table's latest version, so no snapshot is held for the whole
+        # scan (compaction's cleanup of old versions cannot break a long backfill).
+        table = self._table(index)
+        table.checkout_latest()  # see every write acknowledged before the scan began
+        by_id = [ColumnOrdering(column_name="id")]
+        while True:
+            clauses = ([] if include_deleted else ["deleted = false"]) + ([f"id > {_quote(after)}"] if after else [])
+            query = table.search().select(_COLUMNS).order_by(by_id).limit(batch_size)
+            rows = (query.where(" AND ".join(clauses)) if clauses else query).to_list()
+            for row in rows:
                 yield _document(row)
+            if len(rows) < batch_size:
+                return
+            after = rows[-1]["id"]
 
     def ready(self) -> None:
         try:

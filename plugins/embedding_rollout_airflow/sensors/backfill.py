@@ -46,10 +46,11 @@ class BackfillCompleteSensor(BaseSensorOperator):
         deployment = deployment_hook(Runtime())
         checkpoint = deployment.checkpoint(self.version, self.source)
         if not checkpoint.done:
-            self.log.info("backfill of %s from %s not final yet: %d documents so far", self.version,
-                          self.source, checkpoint.position)
+            self.log.info("backfill of %s from %s not final yet: %d documents so far, up to id %r",
+                          self.version, self.source, checkpoint.loaded, checkpoint.last_id)
             return False
         report = verify_backfill(Settings(), self.version, self.source, deployment.state())
-        self.log.info("checked %d documents of %s in %s: %d missing, %d behind %s", report.checked, self.source,
-                      self.version, report.missing, report.behind, report.examples[:5])
+        self.log.info("checked %d documents of %s against %d rows of %s: %d missing, %d behind, %d extra, "
+                      "%d duplicated %s", report.checked, self.source, report.target_checked, self.version,
+                      report.missing, report.behind, report.extra, report.duplicated, report.examples[:5])
         return report.complete
