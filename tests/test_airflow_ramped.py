@@ -161,14 +161,13 @@ def test_one_rollout_at_a_time(live):
         assert "another rollout holds the deployment" in live.log(DAG, waiting, "begin_rollout")
     live.api.mark_failed(runs[winner], winner)
     live.wait(runs[winner], winner)
-    holders.add(live.state().rollout.run_id)
-    assert holders == {winner}  # no refused run ever held the deployment
-    live.assert_serving_only(current)
     if winner == ramped:  # the waiting run's turn: it takes the free deployment; stop it too
         live.wait_for(lambda: live.state().rollout.run_id == waiting, what="the waiting run to begin")
         live.api.mark_failed(DAG, waiting)
         assert live.wait(DAG, waiting)["state"] == "failed"
-        live.assert_serving_only(current)
+    assert holders == {winner}  # while the two competed, the refused one never held the deployment
+    assert not live.state().rollout.active
+    live.assert_serving_only(current)
 
 
 def test_an_inconclusive_step_asks_a_person_who_continues_the_ramp(live):

@@ -157,10 +157,12 @@ class LanceStore:
         return {k.decode(): v.decode() for k, v in metadata.items()}
 
     def drop_index(self, index: str) -> bool:
-        self._tables.pop(index, None)
-        if index not in self.indices():
-            return False
-        self.db.drop_table(index)
+        # A writer too: a compaction still running would write into the directory being removed.
+        with self._locks.hold(index, max(self.timeout, self.BULK_WAIT)):
+            self._tables.pop(index, None)
+            if index not in self.indices():
+                return False
+            self.db.drop_table(index)
         return True
 
     # -- writes --------------------------------------------------------------------------------
