@@ -344,3 +344,17 @@ def test_a_late_write_to_a_removed_index_fails_and_creates_nothing():
     assert store.bulk_write(index, [doc(2)]).failed
     assert index not in store.indices() and not store.client.indices.exists(index=index)
     assert store.drop_index(index) is False
+
+
+def test_a_lance_write_after_its_table_was_dropped_elsewhere_fails_and_recreates_nothing(tmp_path):
+    """The app holds a handle to a candidate's table when a remove step (another process) drops it:
+    a write that was in flight must fail (a missed candidate write), not bring the table back."""
+    from embedding_rollout.store.lance import LanceStore
+    app, step = LanceStore(str(tmp_path)), LanceStore(str(tmp_path))
+    step.create_index("docs-v2", DIMS, {"model_version": "v2"})
+    app.upsert("docs-v2", doc(1, seq=2))
+    assert step.drop_index("docs-v2") is True
+    with pytest.raises(IndexNotFound):
+        app.upsert("docs-v2", doc(2, seq=3))
+    assert "docs-v2" not in LanceStore(str(tmp_path)).indices()
+    assert not (tmp_path / "docs-v2.lance").exists()

@@ -165,6 +165,13 @@ class LanceStore:
             self.db.drop_table(index)
         return True
 
+    def _still_there(self, index: str) -> None:
+        """Under the write lock: a write queued behind the drop of its table must not write into the
+        removed directory through a cached handle (it would bring a half table back)."""
+        if not (Path(self.uri) / f"{index}.lance").is_dir():
+            self._tables.pop(index, None)
+            raise IndexNotFound(f"index {index} does not exist")
+
     # -- writes --------------------------------------------------------------------------------
     def _rows(self, index: str, docs: list[StoredDocument]) -> pa.Table:
         schema = self._table(index).schema
@@ -180,8 +187,9 @@ class LanceStore:
         return pa.Table.from_pylist(rows, schema=schema)
 
     def _merge(self, index: str, docs: list[StoredDocument], wait: float):
-        rows = self._rows(index, docs)
         with self._locks.hold(index, wait):
+            self._still_there(index)
+            rows = self._rows(index, docs)
             table = self._table(index)
             try:
                 # Plan on the latest version, whoever wrote it: a merge planned on an older one
