@@ -565,7 +565,9 @@ def latency_for_backend(backend: str, store, index: str, dims: int, servers: Mod
     target = servers.target(version)
     state = StateFile(Path(args.workdir) / f"state-{backend}.json")
     spec = VersionSpec(version, dims, index, generator_grpc=target.grpc_address, generator_rest=target.rest_url)
-    state.update(lambda s: s.with_version(spec).with_write_target(version).with_weights({version: 100}))
+    state.update(lambda s: s.with_version(spec).with_write_target(version).with_backfill(version)  # loaded above
+                 .with_verification(version, {"source": "corpus", "complete": True, "by": "bench"})
+                 .with_weights({version: 100}).with_stable(version))
     client = generator_client(target, protocol="grpc", timeout=2.0)
     app = AppProcess(state.path, backend, args)
     try:

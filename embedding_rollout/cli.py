@@ -37,7 +37,19 @@ def _print(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """A step the deployment's lifecycle or rollout refuses ends with its reason, not a traceback."""
+
+    def invoke(self, ctx):
+        from .domain.rollout import RolloutError
+        from .domain.state import StateError
+        try:
+            return super().invoke(ctx)
+        except (StateError, RolloutError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 @click.pass_context
 def main(ctx, log_level):
@@ -251,9 +263,11 @@ def index_repair(settings: Settings, version, source, batch_size):
 @click.option("--source", default="corpus", show_default=True)
 @click.pass_obj
 def index_verify(settings: Settings, version, source):
-    """Check every source document is in the version's index at its latest version; exit 1 if not."""
-    from .steps import verify_backfill
-    report = verify_backfill(settings, version, source)
+    """Check the version's index against the source both ways (tombstones too), repairing between
+    passes, and record the result with the version: a passed verification lets it take traffic.
+    Exit 1 if it is not complete."""
+    from .steps import verify
+    report = verify(settings, version, source)
     _print({**vars(report), "complete": report.complete})
     sys.exit(0 if report.complete else 1)
 
@@ -305,9 +319,14 @@ def state(ctx):
 @state.command("show")
 @click.pass_obj
 def state_show(settings: Settings):
-    """The deployment state as JSON."""
+    """Each version's phase, then the deployment state as JSON."""
     from .steps import state_file
-    _print(state_file(settings).read().to_json())
+    current = state_file(settings).read()
+    for name, spec in sorted(current.versions.items(), key=lambda item: item[1].number):
+        where = [f"{current.weights[name]} %" if name in current.weights else "no traffic",
+                 "written to" if name in current.write_targets else "not written to"]
+        click.echo(f"{name}: {spec.phase} ({', '.join(where)})", err=True)
+    _print(current.to_json())
 
 
 @state.command("set-weights")

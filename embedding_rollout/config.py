@@ -33,6 +33,13 @@ class Settings:
         Path(__file__).resolve().parent.parent / "k8s" / "generator-version-template"))))
 
     @property
+    def drain_seconds(self) -> float:
+        """How long a removed version's index and generator outlive its last routing: by default
+        the longest a request that read the state just before may take (a generator call, then a
+        store call, each bounded by its timeout)."""
+        return float(_env("ER_DRAIN_SECONDS", str(self.generator_timeout + self.store_timeout)))
+
+    @property
     def serving_model_path(self) -> str | None:
         """The model's path as the model server sees it (differs inside a TF Serving container)."""
         return os.environ.get("ER_SERVING_MODEL_PATH")

@@ -52,11 +52,7 @@ class LocalStack:
 
     def bootstrap(self) -> None:
         """First start: v1 deployed, the corpus indexed, all traffic and writes to v1."""
-        settings = self.settings
-        steps.deploy_version(settings, FIRST_VERSION, run_id="bootstrap")
-        steps.backfill(settings, FIRST_VERSION, "corpus")
-        steps.start_dual_write(settings, FIRST_VERSION)
-        steps.set_weights(settings, {FIRST_VERSION: 100})
+        steps.bootstrap(self.settings, FIRST_VERSION)
 
     @property
     def state(self):

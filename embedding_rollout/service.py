@@ -67,7 +67,7 @@ class EmbeddingService:
         self.protocol = protocol
         self.timeout = timeout
         self._client_factory = client_factory or generator_client
-        self._clients: dict[VersionSpec, object] = {}
+        self._clients: dict[GeneratorTarget, object] = {}
         self._lock = threading.Lock()
 
     def state(self) -> DeploymentState:
@@ -85,13 +85,13 @@ class EmbeddingService:
         return self.state_file.update(lambda s: s.change_rollout(transition, run_id, now, **arguments))
 
     def generator(self, spec: VersionSpec):
-        """A client per version spec; a changed spec (new address) gets a new client."""
+        """A client per generator target; a changed address gets a new client (a new phase does not)."""
+        target = GeneratorTarget(spec.name, spec.generator_grpc, spec.generator_rest, spec.model_name)
         with self._lock:
-            client = self._clients.get(spec)
+            client = self._clients.get(target)
             if client is None:
-                target = GeneratorTarget(spec.name, spec.generator_grpc, spec.generator_rest, spec.model_name)
                 client = self._client_factory(target, protocol=self.protocol, timeout=self.timeout)
-                self._clients[spec] = client
+                self._clients[target] = client
             return client
 
     # -- reads ---------------------------------------------------------------------------------

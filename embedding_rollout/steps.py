@@ -2,9 +2,13 @@
 
 1. ``deploy_version``: generator serving the version, its index created, the version registered.
 2. ``start_dual_write``: the version becomes a write target of every streaming update.
-3. ``backfill`` / ``verify_backfill``: every historical document re-embedded into the new index.
-4. ``set_weights``: the traffic split.
-5. ``remove_version``: routes first, then write target, generator and index.
+3. ``backfill`` then ``verify``: every historical document re-embedded into the new index, then
+   checked both ways and the result recorded with the version.
+4. ``set_weights`` / ``promote``: the traffic split; the stable version.
+5. ``remove_version``: out of routing and write targets, drained, then generator and index.
+
+Each step moves the version along its lifecycle (``domain.lifecycle``), which refuses a step whose
+precondition is missing before the step changes anything.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import time
 from pathlib import Path
 
 from .config import Settings
+from .domain import lifecycle
 from .domain.rollout import ABORTED, PROMOTED, RolloutError
 from .domain.state import DeploymentState, StateFile, VersionSpec
 from .domain.traffic import validate_weights
@@ -120,14 +125,17 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
     repair what the live writes missed meanwhile."""
     from .pipeline.indexing import load_index
     checkpoint = checkpoint or checkpoint_path(settings, version, source)
-    spec = state_file(settings).read().spec(version)
-    documents, count = _source(settings, source)
+    state = state_file(settings).read()
+    spec = state.spec(version)
+    lifecycle.backfilled(version, spec.phase)  # refused before any work when the version may not be loaded
+    documents, count = _source(settings, source, state)
     total = count() if count else None
     loaded = load_index(documents, open_store(settings), spec.index, _embedder(settings, spec, batch_size),
                         total=total, batch_size=batch_size, checkpoint_path=checkpoint,
                         label=f"backfill {version} from {source}")
     if source != "corpus":
         repair(settings, version, source, batch_size)
+    state_file(settings).update(lambda s: s.with_backfill(version))
     return loaded
 
 
@@ -154,6 +162,25 @@ def verify_backfill(settings: Settings, version: str, source: str, state: Deploy
     return verify_index(documents(None), target, both_ways=source != "corpus")
 
 
+def verify(settings: Settings, version: str, source: str, passes: int = 5):
+    """Verify ``version``'s index against ``source`` and record the result with the version (a
+    passed verification lets it take traffic). Against a version, what a write in flight left
+    behind is repaired between passes; against the corpus one pass decides."""
+    for attempt in range(1, (passes if source != "corpus" else 1) + 1):
+        report = verify_backfill(settings, version, source)
+        if report.complete:
+            break
+        log.warning("pass %d: %s lacks %d, is behind on %d documents of %s, has %d extra and %d "
+                    "duplicated (%s)", attempt, version, report.missing, report.behind, source, report.extra,
+                    report.duplicated, report.examples[:5])
+        if source != "corpus" and attempt < passes:
+            repair(settings, version, source)
+    record = {"source": source, "complete": report.complete, "at": time.time(), "passes": attempt,
+              **{k: v for k, v in vars(report).items() if k != "examples"}, "examples": report.examples[:5]}
+    state_file(settings).update(lambda s: s.with_verification(version, record))
+    return report
+
+
 def set_weights(settings: Settings, weights: dict[str, int]) -> DeploymentState:
     """Step 4: the traffic split; the listed versions are the live ones."""
     weights = validate_weights(weights)
@@ -166,16 +193,12 @@ def promote(settings: Settings, version: str, passes: int = 5, run_id: str | Non
     need another pass). With ``run_id``, as that run's rollout's ``promote`` transition."""
     state = state_file(settings).read()
     stable = state.stable
+    if state.phase(version) != lifecycle.STABLE:
+        lifecycle.make_stable(version, state.phase(version), state.weights.get(version))  # before any work
     if stable and stable != version and {stable, version} <= set(state.write_targets):
-        for attempt in range(1, passes + 1):
-            repair(settings, version, stable)
-            report = verify_backfill(settings, version, stable)
-            if report.complete:
-                break
-            log.warning("pass %d: %s lacks %d, is behind on %d documents of %s, has %d extra and %d "
-                        "duplicated (%s)", attempt, version, report.missing, report.behind, stable, report.extra,
-                        report.duplicated, report.examples[:5])
-        else:
+        repair(settings, version, stable)
+        report = verify(settings, version, stable, passes)
+        if not report.complete:
             raise RuntimeError(f"{version} does not hold every write of {stable} after {passes} repair passes "
                                f"(e.g. {report.examples[:5]}): not promoted")
     if run_id is None:
@@ -214,15 +237,42 @@ def purge_tombstones(settings: Settings, version: str) -> int:
     return open_store(settings).purge_tombstones(state.spec(version).index)
 
 
-def remove_version(settings: Settings, version: str) -> DeploymentState:
-    """Step 5: routes first (the state), then the generator and the index."""
+def remove_version(settings: Settings, version: str, drain_seconds: float | None = None) -> DeploymentState:
+    """Step 5: the version leaves routing and the write targets (retired); requests already on
+    their way finish within the drain period; then the generator and the index go, and the state
+    forgets the version. Idempotent: a run killed half-way is finished by the next one."""
     state = state_file(settings).read()
     spec = state.versions.get(version)
     if spec is not None:
-        state = state_file(settings).update(lambda s: s.without_version(version))
+        state_file(settings).update(lambda s: s.retiring(version) if version in s.versions else s)
+        drain(settings, version, drain_seconds)  # again on a rerun: the first run may have died draining
     generators(settings).remove(version)
     if open_store(settings).drop_index(settings.index_name(version) if spec is None else spec.index):
         log.info("dropped the index of %s", version)
     for checkpoint in (settings.home / "checkpoints").glob(f"{version}-from-*.json"):
         checkpoint.unlink()  # a later deployment of the same version must backfill again
-    return state
+    return state_file(settings).update(lambda s: s.without_version(version) if version in s.versions else s)
+
+
+def drain(settings: Settings, version: str, seconds: float | None = None) -> None:
+    """Wait out the requests that read the state before ``version`` left it: none of them runs
+    longer than a generator call plus a store call, each bounded by its timeout."""
+    seconds = settings.drain_seconds if seconds is None else seconds
+    if seconds > 0:
+        log.info("draining %s for %.1f s: requests in flight finish before its index and generator go",
+                 version, seconds)
+        time.sleep(seconds)
+
+
+def bootstrap(settings: Settings, version: str, run_id: str = "bootstrap") -> DeploymentState:
+    """A first version from the corpus: deployed, written to, loaded, verified, then all the
+    traffic and stable (each step through its lifecycle transition; idempotent)."""
+    deploy_version(settings, version, run_id=run_id)
+    start_dual_write(settings, version)
+    if state_file(settings).read().phase(version) not in (lifecycle.VERIFIED, *lifecycle.ROUTABLE):
+        backfill(settings, version, "corpus")
+        report = verify(settings, version, "corpus")
+        if not report.complete:
+            raise RuntimeError(f"{version}'s index does not hold the corpus: {report.examples[:5]}")
+    set_weights(settings, {version: 100})
+    return state_file(settings).update(lambda s: s.with_stable(version))

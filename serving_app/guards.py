@@ -1,4 +1,4 @@
-"""Request bodies Connexion's validation cannot judge: refused with a 400 problem before it sees them.
+"""Requests Connexion's validation cannot judge: refused with a 4xx problem before it sees them.
 
 A body that is not UTF-8, nests deeper than any schema here allows, or holds a lone surrogate
 (``"\\ud800"`` is valid JSON but no Unicode text: it cannot be embedded, stored or echoed) would
@@ -7,10 +7,12 @@ otherwise fail inside the JSON decoder or a backend as a 500.
 from __future__ import annotations
 
 import json
+import re
 
 MAX_DEPTH = 32  # the deepest schema (a search's filters) nests 4 levels
 MAX_BODY = 1 << 20  # bytes; the largest valid body (a 20,000-character document) is far below
 JSON_TYPES = (b"application/json", b"application/problem+json")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def body_problem(body: bytes) -> str | None:
@@ -60,6 +62,10 @@ class RequestBodyGuard:
         self.app = app
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and CONTROL_CHARACTER.search(scope.get("path", "")):
+            # No operation's path parameter allows one; Connexion's router then finds no operation
+            # while Flask's does, and the view fails outside Connexion's context (a 500).
+            return await _refuse(send, "the request path holds a control character", 404, "Not Found")
         if scope["type"] != "http" or not _is_json(scope):
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True

@@ -58,7 +58,8 @@ def observed(endpoint: str):
             except tuple(e for e, _, _ in _FAILURES) as exc:
                 status, title = next((s, t) for e, s, t in _FAILURES if isinstance(exc, e))
                 metrics.errors.labels(cause=type(exc).__name__, **labels).inc()
-                body, status, headers = problem(status, title, str(exc))
+                busy = {"Retry-After": "1"} if status == 503 else None  # the same versioned write may be sent again
+                body, status, headers = problem(status, title, str(exc), busy)
             except Exception as exc:  # a bug: still a 5xx of this version, so the analysis sees it
                 log.exception("%s failed unexpectedly (model version %s)", endpoint, labels["model_version"])
                 metrics.errors.labels(cause=type(exc).__name__, **labels).inc()

@@ -36,6 +36,20 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TEST_MODELS = {1: ("2019-01-01", 32), 2: (None, 48)}
 
 
+def verified(state, *specs):
+    """``specs`` deployed, written to, backfilled and verified through their lifecycle transitions:
+    the shortcut of a test whose documents are indexed by other means than the backfill step."""
+    for spec in specs:
+        state = (state.with_version(spec).with_write_target(spec.name).with_backfill(spec.name)
+                 .with_verification(spec.name, {"source": "corpus", "complete": True}))
+    return state
+
+
+def serving(state, spec: VersionSpec):
+    """``spec`` verified, with all the traffic, stable."""
+    return verified(state, spec).with_weights({spec.name: 100}).with_stable(spec.name)
+
+
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory) -> Path:
     model_dir = tmp_path_factory.mktemp("models") / "embedder"

@@ -1,15 +1,29 @@
 """A local stack for deployment tests: models, model server, v1 deployed, the app, live traffic."""
 from __future__ import annotations
 
+import gzip
+import random
 import shutil
+from pathlib import Path
 
 from embedding_rollout import steps
 from embedding_rollout.config import Settings
+from embedding_rollout.corpus import corpus_path
 from embedding_rollout.domain.state import StateFile
 from embedding_rollout.generator.models import ModelManager
 from embedding_rollout.generator.server import ModelServer
 from embedding_rollout.loadgen import Traffic, TrafficRecord, verify_consistency
+from embedding_rollout.store import open_store
 from serving_app import AppServer, create_app
+
+
+def small_corpus(path: Path, documents: int, seed: int = 7) -> Path:
+    """A seeded sample of the corpus (ids with '~' among them), for a deployment that loads fast."""
+    with gzip.open(corpus_path(), "rt") as source, gzip.open(path, "wt") as subset:
+        lines = [line for _, line in zip(range(documents * 20), source)]
+        for line in random.Random(seed).sample(lines, documents):
+            subset.write(line)
+    return path
 
 
 class LocalDeployment:
@@ -33,18 +47,22 @@ class LocalDeployment:
         for key, value in self.env.items():
             monkeypatch.setenv(key, value)
         self.settings = Settings()
-        steps.deploy_version(self.settings, "v1", run_id="bootstrap")
-        steps.backfill(self.settings, "v1", "corpus")
-        steps.start_dual_write(self.settings, "v1")
-        steps.set_weights(self.settings, {"v1": 100})
+        steps.bootstrap(self.settings, "v1")
         self.app = AppServer(create_app(self.settings)).start()
         self.env["ER_APP_URL"] = self.app.url
         monkeypatch.setenv("ER_APP_URL", self.app.url)
         self.state = StateFile(self.settings.state_path)
 
-    def stop(self) -> None:
+    def stop(self, drop_indices: bool = False) -> None:
+        """Stop the servers; with ``drop_indices``, drop this deployment's indices too (on a shared
+        Elasticsearch server, where a test's indices would otherwise outlive it)."""
         self.app.stop()
         self.model_server.stop()
+        if drop_indices:
+            store = open_store(self.settings)
+            for index in store.indices():
+                if index.startswith(self.settings.index_prefix):
+                    store.drop_index(index)
 
 
 def traffic(deployment: "LocalDeployment", **kwargs) -> Traffic:

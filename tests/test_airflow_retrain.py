@@ -28,7 +28,10 @@ def test_a_better_model_is_rolled_out(live):
         run = live.wait(DAG, run_id)
         assert run["state"] == "success", live.explain(DAG, run_id)
         assert live.states(DAG, run_id)["trigger_ramped_deployment"] == "success"
-        ramped = live.api.runs(RAMPED)[-1]
+        # The run it triggered, by the id the operator recorded (the newest by start_date may not
+        # have started yet when the retrain run ends).
+        triggered = live.api.xcom(DAG, run_id, "trigger_ramped_deployment", key="trigger_run_id")
+        ramped = live.api.run(RAMPED, triggered)
         assert ramped["conf"]["new_version"] == new and ramped["conf"]["step_interval_seconds"] == 12
         finished = live.wait(RAMPED, ramped["dag_run_id"])
     assert finished["state"] == "success", live.explain(RAMPED, ramped["dag_run_id"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import elasticsearch_store, spec_for
+from conftest import elasticsearch_store, serving, spec_for, verified
 from embedding_rollout.domain.decisions import DecisionLog
 from embedding_rollout.domain.state import StateFile, VersionSpec
 from embedding_rollout.pipeline.indexing import corpus_source, load_index
@@ -35,7 +35,7 @@ def deployment(request, model_server, embedders, tmp_path_factory):
         spec = spec_for(model_server, version, f"{prefix}-{version}")
         store.create_index(spec.index, spec.dims, {"model_version": version})
         load_index(lambda after: islice(corpus_source(after), CORPUS_SLICE), store, spec.index, embedders[version].embed)
-        state.update(lambda s, spec=spec: s.with_version(spec).with_write_target(spec.name))
+        state.update(lambda s, spec=spec: verified(s, spec))
     state.update(lambda s: s.with_weights({"v1": 50, "v2": 50}))
     decisions = DecisionLog(home / "decisions.jsonl")
     server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0), decisions=decisions)).start()
@@ -200,6 +200,9 @@ DOCUMENT = {"title": "t", "text": "x", "category": "c", "date": "2020-01-01"}
     ("POST", "/search", b'{"query": "x", "filters": {"date_to": "2024-02-31"}}', "date"),
     ("DELETE", "/documents/odd-5?version=9223372036854775808", None, "maximum"),
     ("GET", "/deployment/models/v1?artifact=%00", None, "artifact"),
+    ("GET", "/deployment/backfills/%0A%F0%A4%96%86?source=corpus", None, "control character"),  # schemathesis
+    ("PUT", "/documents/odd%0A6", b'{"title": "t", "text": "x", "category": "c", "date": "2024-01-01"}',
+     "control character"),
 ])
 def test_schema_valid_but_odd_input_gets_a_4xx_naming_the_problem_never_a_500(deployment, method, path, data,
                                                                                 problem):
@@ -257,7 +260,7 @@ def broken_app(model_server, tmp_path):
     store.create_index("docs-v3", 32, {"model_version": "v3"})
     state = StateFile(tmp_path / "state.json")
     spec = VersionSpec("v3", 32, "docs-v3", generator_grpc="127.0.0.1:9", generator_rest="http://127.0.0.1:9")
-    state.update(lambda s: s.with_version(spec).with_write_target("v3").with_weights({"v3": 100}))
+    state.update(lambda s: serving(s, spec))
     server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
     yield server.url, store
     server.stop()
@@ -271,7 +274,7 @@ def test_a_down_generator_gives_503_in_time_and_writes_nothing(broken_app):
     assert time.monotonic() - started < 3.0
     write = requests.put(f"{url}/documents/d1", json={"title": "t", "text": "x", "category": "c",
                                                       "date": "2020-01-01", "version": 3})
-    assert write.status_code == 503
+    assert write.status_code == 503 and write.headers["Retry-After"] == "1"
     assert store.get_many("docs-v3", ["d1"]) == {}
     ready = requests.get(f"{url}/readyz")
     assert ready.status_code == 503 and "unavailable" in ready.json()["versions"]["v3"]["generator"]
@@ -283,7 +286,7 @@ def test_a_down_store_gives_503(model_server, tmp_path):
     from embedding_rollout.store.elastic import ElasticsearchStore
     state = StateFile(tmp_path / "state.json")
     spec = spec_for(model_server, "v1", "docs-v1")
-    state.update(lambda s: s.with_version(spec).with_write_target("v1").with_weights({"v1": 100}))
+    state.update(lambda s: serving(s, spec))
     store = ElasticsearchStore("http://127.0.0.1:9", timeout=0.5)
     server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
     try:
@@ -323,7 +326,7 @@ def test_an_unexpected_error_is_a_counted_5xx_that_fails_the_analysis(model_serv
     state = StateFile(tmp_path / "state.json")
     for version in ("v1", "v2"):
         spec = spec_for(model_server, version, f"docs-{version}")
-        state.update(lambda s, spec=spec: s.with_version(spec).with_write_target(spec.name))
+        state.update(lambda s, spec=spec: verified(s, spec))
     state.update(lambda s: s.with_weights({"v1": 50, "v2": 50}))
     server = AppServer(create_app(service=_BuggyService(state, LanceStore(str(tmp_path / "lance"))))).start()
     try:
@@ -345,7 +348,7 @@ def operator_app(model_server, tmp_path):
     state = StateFile(tmp_path / "state.json")
     for version in ("v1", "v2"):
         spec = spec_for(model_server, version, f"docs-{version}")
-        state.update(lambda s, spec=spec: s.with_version(spec).with_write_target(spec.name))
+        state.update(lambda s, spec=spec: verified(s, spec))
     state.update(lambda s: s.with_weights({"v1": 100}))
     server = AppServer(create_app(service=EmbeddingService(state, LanceStore(str(tmp_path / "lance"))))).start()
     yield server.url, state
@@ -375,3 +378,20 @@ def test_the_rollout_endpoints_apply_only_legal_transitions(operator_app):
     assert requests.get(f"{url}/deployment/rollout").json()["message"] == "analysis failed"
     bad = change(transition="jump", run_id="r1")
     assert bad.status_code == 400 and "transition" in bad.json()["detail"]
+
+
+def test_the_operator_api_gives_traffic_only_to_a_verified_version_and_shows_every_phase(operator_app):
+    url, state = operator_app
+    unverified = VersionSpec("v3", 8, "docs-v3")
+    state.update(lambda s: s.with_version(unverified).with_write_target("v3").with_backfill("v3"))
+    before = state.read()
+    for weights in ({"v1": 90, "v3": 10}, {"v1": 100, "v3": 0}):
+        refused = requests.put(f"{url}/deployment/weights", json={"weights": weights})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["detail"] == ("v3 cannot take traffic: it is backfilled; it needs a backfill and a "
+                                            "passed verification first (embedding-rollout index verify)")
+    assert state.read() == before  # refused: nothing changed
+    assert requests.put(f"{url}/deployment/weights", json={"weights": {"v1": 90, "v2": 10}}).status_code == 200
+    shown = requests.get(f"{url}/deployment").json()["versions"]
+    assert {name: spec["phase"] for name, spec in shown.items()} == {"v1": "live", "v2": "live", "v3": "backfilled"}
+    assert shown["v2"]["verification"]["complete"] is True and shown["v3"]["verification"] is None

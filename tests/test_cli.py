@@ -1,11 +1,14 @@
 """The `embedding-rollout` command: --help everywhere, and bad input refused with a message."""
 from __future__ import annotations
 
+import json
+
 import click
 import pytest
 from click.testing import CliRunner
 
 from embedding_rollout.cli import main
+from conftest import serving, verified
 
 
 def all_commands(group: click.Group, prefix=()):
@@ -43,7 +46,7 @@ def test_set_weights_refuses_bad_weights_and_changes_nothing(tmp_path, monkeypat
     from embedding_rollout.domain.state import StateFile, VersionSpec
     monkeypatch.setenv("ER_HOME", str(tmp_path))
     state = StateFile(tmp_path / "state.json")
-    state.update(lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_weights({"v1": 100}))
+    state.update(lambda s: serving(s, VersionSpec("v1", 8, "docs-v1")))
     before = state.path.read_bytes()
     for weights in (["v1=90", "v2=20"], ["v1=ninety"], ["v1=100", "v7=0"]):
         result = CliRunner().invoke(main, ["state", "set-weights", *weights])
@@ -84,9 +87,11 @@ def test_state_and_rollout_show_without_a_sub_command(tmp_path, monkeypatch):
     from embedding_rollout.domain.state import StateFile, VersionSpec
     monkeypatch.setenv("ER_HOME", str(tmp_path))
     state = StateFile(tmp_path / "state.json")
-    state.update(lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_weights({"v1": 100}))
+    state.update(lambda s: serving(s, VersionSpec("v1", 8, "docs-v1")))
+    state.update(lambda s: s.with_version(VersionSpec("v2", 8, "docs-v2")).with_write_target("v2"))
     shown = CliRunner().invoke(main, ["state"])
-    assert shown.exit_code == 0 and '"weights": {\n    "v1": 100' in shown.output, shown.output
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["weights"] == {"v1": 100}, shown.output
+    assert "v1: stable (100 %, written to)\nv2: dual-writing (no traffic, written to)" in shown.stderr
     assert "no rollout has begun" in CliRunner().invoke(main, ["rollout"]).output
     state.update(lambda s: s.change_rollout("begin", "run-7", 1.0, rollout={"new": "v2", "current": "v1",
                                                                             "plan": [100], "owner": "ramped"}))
@@ -108,8 +113,7 @@ def test_tombstones_cannot_be_purged_while_another_version_is_deployed(tmp_path,
         store.create_index(f"docs-{version}", 8, {"model_version": version})
         store.delete(f"docs-{version}", "gone", 5)
     state = StateFile(tmp_path / "state.json")
-    state.update(lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_version(VersionSpec("v2", 8, "docs-v2"))
-                 .with_write_target("v1").with_write_target("v2").with_weights({"v1": 100}))
+    state.update(lambda s: verified(serving(s, VersionSpec("v1", 8, "docs-v1")), VersionSpec("v2", 8, "docs-v2")))
     refused = CliRunner().invoke(main, ["index", "purge-tombstones", "--version", "v1"])
     assert refused.exit_code == 1 and "while v2 is deployed" in refused.output, refused.output
     assert store.get_many("docs-v1", ["gone"])["gone"].deleted  # the tombstone is still there
@@ -117,3 +121,19 @@ def test_tombstones_cannot_be_purged_while_another_version_is_deployed(tmp_path,
     purged = CliRunner().invoke(main, ["index", "purge-tombstones", "--version", "v1"])
     assert purged.exit_code == 0 and purged.output.strip() == "1", purged.output
     assert LanceStore(str(tmp_path / "lancedb")).get_many("docs-v1", ["gone"]) == {}
+
+
+def test_a_step_out_of_lifecycle_order_is_refused_before_it_changes_anything(tmp_path, monkeypatch):
+    from embedding_rollout.domain.state import StateFile, VersionSpec
+    monkeypatch.setenv("ER_HOME", str(tmp_path))
+    state = StateFile(tmp_path / "state.json")
+    state.update(lambda s: serving(s, VersionSpec("v1", 8, "docs-v1")).with_version(VersionSpec("v2", 8, "docs-v2")))
+    before = state.path.read_bytes()
+    load = CliRunner().invoke(main, ["index", "load", "--version", "v2", "--source", "v1"])
+    assert load.exit_code == 1 and ("v2 cannot be backfilled: it is deployed; start the dual-write first"
+                                    in load.output), load.output
+    weights = CliRunner().invoke(main, ["state", "set-weights", "v1=90", "v2=10"])
+    assert weights.exit_code == 1 and "v2 cannot take traffic: it is deployed" in weights.output, weights.output
+    promote = CliRunner().invoke(main, ["promote", "--version", "v2"])
+    assert promote.exit_code == 1 and "v2 cannot become stable: it is deployed" in promote.output, promote.output
+    assert state.path.read_bytes() == before and not (tmp_path / "checkpoints").exists()

@@ -19,12 +19,20 @@ from test_istio_weights import api as istio  # noqa: F401 (a fixture: the gatewa
 
 
 @pytest.fixture
-def deployment(tmp_path, model_repo, monkeypatch):
+def dual_writing(tmp_path, model_repo, monkeypatch):
     deployment = LocalDeployment(tmp_path / "home", model_repo, monkeypatch)
     steps.deploy_version(deployment.settings, "v2", run_id="run-1")
     steps.start_dual_write(deployment.settings, "v2")
     yield deployment
     deployment.stop()
+
+
+@pytest.fixture
+def deployment(dual_writing):
+    """v2 backfilled and verified: it may take traffic."""
+    steps.backfill(dual_writing.settings, "v2", "v1")
+    assert steps.verify(dual_writing.settings, "v2", "v1").complete
+    return dual_writing
 
 
 def served_version(app_url: str, header: str) -> str:
@@ -83,7 +91,11 @@ def test_after_an_abort_a_rollout_task_changes_neither_the_app_nor_istio(deploym
             s.rollout, phase="Aborted")) if s.rollout.phase == "Progressing" else s)
         return confirmed
 
-    deployment.state.update(lambda s: dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, phase="Progressing")))
+    def progressing_again(s):  # as if the abort had not happened yet
+        live = {**s.versions, "v2": dataclasses.replace(s.versions["v2"], phase="live")}
+        return dataclasses.replace(s, versions=live, rollout=dataclasses.replace(s.rollout, phase="Progressing"))
+
+    deployment.state.update(progressing_again)
     app.set_weights = abort_meanwhile
     with pytest.raises(WeightsRefused, match="Aborted"):
         router.set_weights({"v1": 25, "v2": 75}, run_id="run-1", step=0)
@@ -102,28 +114,46 @@ def test_the_operator_api_refuses_bad_weights_and_changes_nothing(deployment):
         AppDeploymentHook(url).set_weights({"v9": 100})
 
 
-def test_backfill_sensor_in_the_cluster_reads_state_and_checkpoint_from_the_app(deployment, monkeypatch, tmp_path):
+def test_backfill_sensor_in_the_cluster_reads_the_recorded_verification_from_the_app(dual_writing, monkeypatch,
+                                                                                      tmp_path):
+    deployment = dual_writing
     from embedding_rollout.store import open_store
     from embedding_rollout_airflow.sensors.backfill import BackfillCompleteSensor
     settings = deployment.settings
-    # The worker: no state volume (ER_HOME elsewhere, no state file), the store reachable.
-    monkeypatch.setenv("ER_LANCE_URI", settings.lance_uri)
-    monkeypatch.setenv("ER_HOME", str(tmp_path / "worker"))
-    monkeypatch.setenv("ER_AIRFLOW_RUNTIME", "kubernetes")
     sensor = BackfillCompleteSensor(task_id="wait_backfill_complete", version="v2", source="v1")
-    assert sensor.poke({}) is False  # no checkpoint yet
+
+    def poke() -> bool:
+        """In the worker: no state volume (ER_HOME elsewhere, no state file), and no store either:
+        the sensor reads the verification the step recorded, through the app."""
+        with monkeypatch.context() as worker:
+            worker.setenv("ER_LANCE_URI", str(tmp_path / "no-store-here"))
+            worker.setenv("ER_HOME", str(tmp_path / "worker"))
+            worker.setenv("ER_AIRFLOW_RUNTIME", "kubernetes")
+            return sensor.poke({})
+
+    assert poke() is False  # dual-writing, not backfilled yet
 
     steps.backfill(settings, "v2", "v1")
     checkpoint = requests.get(f"{deployment.app.url}/deployment/backfills/v2", params={"source": "v1"}).json()
     assert checkpoint["done"] and checkpoint["loaded"] == open_store(settings).count("docs-v1")
-    assert sensor.poke({}) is True
+    assert poke() is False  # backfilled, but nothing verified it yet
+    assert steps.verify(settings, "v2", "v1").complete
+    assert poke() is True
+    verification = requests.get(f"{deployment.app.url}/deployment").json()["versions"]["v2"]["verification"]
+    assert verification["complete"] and verification["checked"] == checkpoint["loaded"]
 
     store = open_store(settings)
-    # An update that reached v1 only (as if dual-write had been bypassed): v2 is behind, not complete.
+    # An update that reached v1 only (as if dual-write had been bypassed): v2 is behind, and a
+    # verification without a repair pass records that and takes v2 back to backfilled.
     document = next(iter(store.scan("docs-v1")))
     store.upsert("docs-v1", dataclasses.replace(document, seq=document.seq + 1,
                                                         vector=np.ones(32, dtype=np.float32) / np.sqrt(32)))
-    assert sensor.poke({}) is False
+    report = steps.verify(settings, "v2", "v1", passes=1)
+    assert (report.complete, report.behind) == (False, 1)
+    assert poke() is False
+    assert steps.state_file(settings).read().phase("v2") == "backfilled"
+    assert steps.verify(settings, "v2", "v1").complete  # the next verification repairs, then passes
+    assert poke() is True
     assert requests.get(f"{deployment.app.url}/deployment/backfills/v7", params={"source": "v1"}).status_code == 404
 
 

@@ -10,6 +10,7 @@ import pytest
 from embedding_rollout.domain.state import StateFile, VersionSpec
 from embedding_rollout_airflow.conf import InvalidConf, resolve_conf
 from embedding_rollout_airflow.hooks.deployment import LocalDeploymentHook
+from conftest import serving
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def home(tmp_path, monkeypatch):
     (tmp_path / "models" / "embedder" / "2").mkdir(parents=True)
     (tmp_path / "models" / "embedder" / "2" / "saved_model.pb").write_bytes(b"model")
     StateFile(tmp_path / "state.json").update(
-        lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_write_target("v1").with_weights({"v1": 100}))
+        lambda s: serving(s, VersionSpec("v1", 8, "docs-v1")))
     return tmp_path
 
 

@@ -13,6 +13,7 @@ from embedding_rollout.domain.state import (ConcurrentUpdate, DeploymentState, S
 from embedding_rollout.domain.traffic import (InvalidWeights, assign_version, bucket_of, ramp_plan,
                                               validate_plan, validate_weights)
 from embedding_rollout.domain.versions import InvalidVersion, parse_version, version_key, version_label
+from conftest import serving, verified
 
 
 @pytest.mark.parametrize("label,number", [("v1", 1), ("v2", 2), ("v10", 10), ("v123456789", 123456789)])
@@ -83,15 +84,18 @@ def _spec(name: str, dims: int = 8) -> VersionSpec:
 
 
 def test_state_transitions_keep_the_state_consistent():
-    state = DeploymentState().with_version(_spec("v1")).with_write_target("v1").with_weights({"v1": 100})
-    assert state.stable == "v1" and state.live_versions == ["v1"]
+    state = serving(DeploymentState(), _spec("v1"))
+    assert state.stable == "v1" and state.live_versions == ["v1"] and state.phase("v1") == "stable"
     state = state.with_version(_spec("v2", 16)).with_write_target("v2")
     assert state.write_targets == ("v1", "v2")
     assert not state.is_live("v2")  # deployed and dual-written, but not routable yet
+    with pytest.raises(StateError, match="v2 cannot take traffic: it is dual-writing; it needs a backfill"):
+        state.with_weights({"v1": 90, "v2": 10})
+    state = state.with_backfill("v2").with_verification("v2", {"source": "v1", "complete": True})
     state = state.with_weights({"v1": 90, "v2": 10})
     with pytest.raises(StateError, match="still has 10 %"):
         state.without_version("v2")
-    with pytest.raises(StateError, match="undeployed"):
+    with pytest.raises(StateError, match="model version v3 is not deployed"):
         state.with_weights({"v1": 50, "v3": 50})
     with pytest.raises(StateError, match="stable"):
         state.with_weights({"v2": 100}).without_version("v1")
@@ -100,8 +104,7 @@ def test_state_transitions_keep_the_state_consistent():
 
 
 def test_assign_honours_a_live_header_and_reassigns_anything_else():
-    state = (DeploymentState().with_version(_spec("v1")).with_version(_spec("v2"))
-             .with_weights({"v1": 100, "v2": 0}))
+    state = verified(DeploymentState(), _spec("v1"), _spec("v2")).with_weights({"v1": 100, "v2": 0})
     assert state.assign("v2") == "v2"        # live at weight 0: explicit header still honoured
     assert state.assign("v7") == "v1"        # unknown version: re-assigned by weight
     assert state.assign("garbage") == "v1"
@@ -110,7 +113,7 @@ def test_assign_honours_a_live_header_and_reassigns_anything_else():
 
 def test_state_file_round_trip_and_revision(state_file):
     assert state_file.read() == DeploymentState()
-    first = state_file.update(lambda s: s.with_version(_spec("v1")).with_weights({"v1": 100}))
+    first = state_file.update(lambda s: verified(s, _spec("v1")).with_weights({"v1": 100}))
     assert first.revision == 1
     assert state_file.update(lambda s: s).revision == 1  # no change, no new revision
     with pytest.raises(ConcurrentUpdate):
@@ -120,7 +123,7 @@ def test_state_file_round_trip_and_revision(state_file):
 
 
 def test_state_file_refuses_an_invalid_change_and_keeps_the_old_state(state_file):
-    state_file.update(lambda s: s.with_version(_spec("v1")).with_weights({"v1": 100}))
+    state_file.update(lambda s: verified(s, _spec("v1")).with_weights({"v1": 100}))
     before = state_file.path.read_bytes()
     with pytest.raises(StateError):
         state_file.update(lambda s: DeploymentState(s.versions, {"v1": 70}, (), "v1"))
@@ -134,7 +137,7 @@ def _bump(path: str, times: int) -> None:
 
 
 def test_concurrent_writers_in_several_processes_lose_no_update(state_file):
-    state_file.update(lambda s: s.with_version(_spec("v1")).with_version(_spec("v2")).with_weights({"v1": 100}))
+    state_file.update(lambda s: verified(s, _spec("v1"), _spec("v2")).with_weights({"v1": 100}))
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_bump, args=(str(state_file.path), 25)) for _ in range(3)]
     for worker in workers:
@@ -147,7 +150,7 @@ def test_concurrent_writers_in_several_processes_lose_no_update(state_file):
 
 def test_a_reader_sees_another_writers_change_at_once(state_file):
     reader = StateFile(state_file.path)
-    state_file.update(lambda s: s.with_version(_spec("v1")).with_version(_spec("v2")).with_weights({"v1": 100}))
+    state_file.update(lambda s: verified(s, _spec("v1"), _spec("v2")).with_weights({"v1": 100}))
     assert reader.read().weights == {"v1": 100}
     StateFile(state_file.path).update(lambda s: s.with_weights({"v1": 40, "v2": 60}))
     started = time.monotonic()
@@ -162,8 +165,7 @@ from embedding_rollout.domain.rollout import (ABORTED, PAUSED, PROMOTED, ROLLED_
 
 
 def two_versions() -> DeploymentState:
-    return (DeploymentState().with_version(VersionSpec("v1", 8, "docs-v1")).with_write_target("v1")
-            .with_weights({"v1": 100}).with_version(VersionSpec("v2", 8, "docs-v2")).with_write_target("v2"))
+    return verified(serving(DeploymentState(), VersionSpec("v1", 8, "docs-v1")), VersionSpec("v2", 8, "docs-v2"))
 
 
 def begun(plan=(50, 100), run_id="run-1") -> DeploymentState:
@@ -231,10 +233,13 @@ def test_an_inconclusive_step_extends_then_pauses_for_a_person_who_may_resume_it
 
 def test_a_rollback_after_promotion_makes_the_old_version_stable_again_while_it_is_intact():
     promoted = begun(plan=(100,))
-    promoted = promoted.change_rollout("start_step", "run-1", 2.0, step=0).change_rollout(
-        "pass_step", "run-1", 3.0, step=0, reason="ok").change_rollout("promote", "run-1", 4.0)
+    promoted = promoted.change_rollout("start_step", "run-1", 2.0, step=0).with_weights(
+        {"v1": 0, "v2": 100}, "run-1", 0).change_rollout("pass_step", "run-1", 3.0, step=0, reason="ok")
+    promoted = promoted.change_rollout("promote", "run-1", 4.0)
+    assert (promoted.phase("v1"), promoted.phase("v2")) == ("live", "stable")
     back = promoted.change_rollout("abort", "run-1", 5.0, reason="failed: remove_old_version")
     assert back.stable == "v1" and back.rollout.phase == ABORTED
+    assert (back.phase("v1"), back.phase("v2")) == ("stable", "rolled-back")
     with pytest.raises(StateError, match="would roll back to it"):
         # never remove what a rollout in progress would roll back to, even made stable by hand
         begun().with_weights({"v1": 0, "v2": 100}).with_stable("v2").without_version("v1")
@@ -250,3 +255,85 @@ def test_transitions_name_what_they_need():
         begun().change_rollout("jump", "run-1", 2.0)
     with pytest.raises(RolloutError, match="begin needs the rollout"):
         two_versions().change_rollout("begin", "run-1", 1.0)
+
+
+# -- each version's lifecycle --------------------------------------------------------------------
+PASSED, FAILED = {"source": "v1", "complete": True}, {"source": "v1", "complete": False, "behind": 3}
+
+
+def phases(state: DeploymentState) -> dict[str, str]:
+    return {name: spec.phase for name, spec in state.versions.items()}
+
+
+def test_a_version_walks_its_lifecycle_and_each_step_needs_the_one_before():
+    state = two_versions().without_version("v2").with_version(_spec("v2"))
+    assert phases(state) == {"v1": "stable", "v2": "deployed"}
+    with pytest.raises(StateError, match="v2 cannot be backfilled: it is deployed; start the dual-write first"):
+        state.with_backfill("v2")
+    with pytest.raises(StateError, match="v2 cannot be verified: it is deployed; its backfill has not ended"):
+        state.with_verification("v2", PASSED)
+    state = state.with_write_target("v2")
+    with pytest.raises(StateError, match="v2 cannot take traffic: it is dual-writing"):
+        state.with_weights({"v1": 100, "v2": 0})  # not even at weight 0: the header would reach it
+    state = state.with_backfill("v2")
+    assert state.phase("v2") == "backfilled"
+    failed = state.with_verification("v2", FAILED)
+    assert failed.phase("v2") == "backfilled" and failed.spec("v2").verification["behind"] == 3
+    state = failed.with_verification("v2", PASSED)
+    assert state.phase("v2") == "verified"
+    with pytest.raises(StateError, match="v2 cannot become stable: it is verified; it has no weight of the "
+                                         "traffic; stable needs 100 %"):
+        state.with_stable("v2")
+    state = state.with_weights({"v1": 60, "v2": 40})
+    assert phases(state) == {"v1": "stable", "v2": "live"}
+    with pytest.raises(StateError, match="v2 cannot become stable: it is live; it has 40 % of the traffic"):
+        state.with_stable("v2")
+    state = state.with_weights({"v1": 0, "v2": 100}).with_stable("v2")
+    assert phases(state) == {"v1": "live", "v2": "stable"} and state.stable == "v2"
+    with pytest.raises(StateError, match="cannot remove the stable version v2"):
+        state.with_weights({"v1": 100, "v2": 0}).without_version("v2")
+    state = state.with_weights({"v2": 100})
+    assert phases(state)["v1"] == "verified"  # no weight: not routable, may come back while verified
+    retiring = state.retiring("v1")
+    assert phases(retiring)["v1"] == "retired" and "v1" not in retiring.write_targets
+    with pytest.raises(StateError, match="v1 cannot take traffic: it is retired; it is leaving the deployment"):
+        retiring.with_weights({"v1": 10, "v2": 90})
+    with pytest.raises(StateError, match="v1 cannot become a write target: it is retired"):
+        retiring.with_write_target("v1")
+    with pytest.raises(StateError, match="v1 cannot be deployed: it is retired and being removed"):
+        retiring.with_version(_spec("v1"))
+    assert list(retiring.without_version("v1").versions) == ["v2"]
+
+
+def test_a_new_load_of_a_verified_version_needs_a_new_verification_but_a_serving_one_keeps_serving():
+    state = two_versions()
+    assert state.phase("v2") == "verified"
+    reloaded = state.with_backfill("v2")
+    assert reloaded.phase("v2") == "backfilled" and reloaded.spec("v2").verification is None
+    serving_v2 = state.with_weights({"v1": 50, "v2": 50})
+    assert serving_v2.with_backfill("v2").phase("v2") == "live"
+    assert serving_v2.with_verification("v2", FAILED).phase("v2") == "live"  # recorded; the rollout decides
+
+
+def test_an_aborted_rollout_rolls_its_new_version_back_for_good():
+    state = begun().change_rollout("start_step", "run-1", 2.0, step=0).with_weights({"v1": 50, "v2": 50}, "run-1", 0)
+    aborted = state.change_rollout("abort", "run-1", 3.0, reason="analysis failed")
+    assert phases(aborted) == {"v1": "stable", "v2": "rolled-back"}
+    with pytest.raises(StateError, match="v2 cannot take more traffic: it is rolled-back; it is rolled back "
+                                         "and can only lose its 50 %"):
+        aborted.with_weights({"v1": 40, "v2": 60})
+    back = aborted.with_weights({"v1": 100})
+    assert back.weights == {"v1": 100} and phases(back)["v2"] == "rolled-back"
+    with pytest.raises(StateError, match="v2 cannot be verified: it is rolled-back"):
+        back.with_verification("v2", PASSED)
+    assert list(back.without_version("v2").versions) == ["v1"]
+
+
+def test_a_state_from_before_phases_gets_them_from_its_weights_and_write_targets():
+    old = {"stable": "v1", "weights": {"v1": 90, "v2": 10}, "write_targets": ["v1", "v2", "v3"],
+           "versions": {name: {"name": name, "dims": 8, "index": f"docs-{name}"} for name in ("v1", "v2", "v3", "v4")}}
+    assert phases(DeploymentState.from_json(old)) == {"v1": "stable", "v2": "live", "v3": "dual-writing",
+                                                      "v4": "deployed"}
+    with pytest.raises(StateError, match="v4 has an unknown phase 'launched'"):
+        DeploymentState.from_json({**old, "versions": {**old["versions"], "v4": {
+            "name": "v4", "dims": 8, "index": "docs-v4", "phase": "launched"}}})

@@ -2,6 +2,9 @@
 them, the candidate's misses are counted, and its index is repaired before it can become stable."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import requests
 
@@ -16,6 +19,7 @@ def deployment(tmp_path, model_repo, monkeypatch):
     steps.deploy_version(deployment.settings, "v2", run_id="run-1")
     steps.start_dual_write(deployment.settings, "v2")
     steps.backfill(deployment.settings, "v2", "v1")
+    assert steps.verify(deployment.settings, "v2", "v1").complete
     yield deployment
     deployment.stop()
 
@@ -40,6 +44,9 @@ def test_writes_succeed_while_the_candidate_fails_and_promote_repairs_it(deploym
     metrics = requests.get(f"{url}/metrics").text
     assert 'embedding_app_write_misses_total{model_version="v2"} 1.0' in metrics
 
+    with pytest.raises(Exception, match="v2 cannot become stable: it is verified; it has no weight"):
+        steps.promote(deployment.settings, "v2")  # refused before the repair: no traffic yet
+    steps.set_weights(deployment.settings, {"v1": 0, "v2": 100})
     with pytest.raises(Exception, match="injected failure"):  # still broken: it cannot be promoted
         steps.promote(deployment.settings, "v2")
     assert deployment.state.read().stable == "v1"
@@ -59,3 +66,39 @@ def test_the_stable_versions_failure_fails_the_write_and_writes_nothing(deployme
     assert put.status_code == 503 and "injected failure" in put.json()["detail"]
     store = open_store(deployment.settings)
     assert store.get_many("docs-v1", ["lost-doc"]) == {} == store.get_many("docs-v2", ["lost-doc"])
+
+
+def test_remove_lets_a_request_in_flight_finish_before_the_index_and_generator_go(deployment, monkeypatch):
+    """Drain on remove: v2 leaves routing and the write targets first, then the requests that
+    read the state before finish within the drain period, and only then the index goes."""
+    monkeypatch.setenv("ER_DRAIN_SECONDS", "3")
+    settings, url = deployment.settings, deployment.app.url
+    steps.set_weights(settings, {"v1": 100, "v2": 0})  # v2 live at 0: reachable by its header
+    deployment.model_server.manager.set_delay(2, 1.0)  # a slow v2 request, in flight when remove begins
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(requests.post(
+        f"{url}/search", json={"query": "asyncio", "k": 3}, headers={"x-model-version": "v2"}, timeout=30)))
+    slow.start()
+    time.sleep(0.3)  # the request has read the state and waits on v2's generator
+    started = time.monotonic()
+    steps.remove_version(settings, "v2")
+    slow.join(30)
+    assert answers[0].status_code == 200 and answers[0].json()["model_version"] == "v2", answers[0].text
+    assert time.monotonic() - started >= 3.0
+    state = deployment.state.read()
+    assert "v2" not in state.versions and state.write_targets == ("v1",)
+    assert "docs-v2" not in open_store(settings).indices()
+    after = requests.post(f"{url}/search", json={"query": "asyncio", "k": 3}, headers={"x-model-version": "v2"})
+    assert after.json()["model_version"] == "v1"  # no longer routable: assigned by the weights
+
+
+def test_a_removal_killed_after_retiring_the_version_is_finished_by_the_next_run(deployment, monkeypatch):
+    monkeypatch.setenv("ER_DRAIN_SECONDS", "0")
+    settings = deployment.settings
+    deployment.state.update(lambda s: s.retiring("v2"))  # as a remove SIGKILLed while draining leaves it
+    assert deployment.state.read().phase("v2") == "retired"
+    with pytest.raises(Exception, match="v2 cannot take traffic: it is retired"):
+        steps.set_weights(settings, {"v1": 90, "v2": 10})
+    steps.remove_version(settings, "v2")
+    assert "v2" not in deployment.state.read().versions
+    assert "docs-v2" not in open_store(settings).indices()

@@ -10,7 +10,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from conftest import REPO
+from conftest import REPO, serving, verified
 from embedding_rollout.domain.traffic import InvalidWeights
 from embedding_rollout_airflow.hooks.routing import IstioVirtualServiceHook, WeightsNotConfirmed, weights_of
 from k8s_api import FakeKubernetesAPI
@@ -161,8 +161,7 @@ def test_istio_weight_operator_sets_the_local_router_in_the_local_runtime(tmp_pa
     monkeypatch.setenv("ER_HOME", str(tmp_path))
     monkeypatch.setenv("ER_AIRFLOW_RUNTIME", "local")
     state = StateFile(tmp_path / "state.json")
-    state.update(lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_version(
-        VersionSpec("v2", 8, "docs-v2")).with_weights({"v1": 100}))
+    state.update(lambda s: verified(serving(s, VersionSpec("v1", 8, "docs-v1")), VersionSpec("v2", 8, "docs-v2")))
     operator = IstioWeightOperator(task_id="shift", weights='{"v1": 70, "v2": 30}')
     assert operator.execute(context={}) == {"v1": 70, "v2": 30}
     assert state.read().weights == {"v1": 70, "v2": 30}

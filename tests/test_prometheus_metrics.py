@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from conftest import spec_for
+from conftest import serving, spec_for, verified
 from embedding_rollout.domain.analysis import FAILED, Thresholds, judge
 from embedding_rollout.domain.state import StateFile, VersionSpec
 from embedding_rollout.online_metrics import AppScrape, PrometheusError, PrometheusQuery
@@ -36,7 +36,7 @@ def app_pods(model_server, tmp_path):
     store.create_index("docs-v2", 48, {"model_version": "v2"})
     state = StateFile(tmp_path / "state.json")
     broken = VersionSpec("v2", 48, "docs-v2", generator_grpc="127.0.0.1:9", generator_rest="http://127.0.0.1:9")
-    state.update(lambda s: s.with_version(spec_for(model_server, "v1", "docs-v1")).with_version(broken)
+    state.update(lambda s: verified(serving(s, spec_for(model_server, "v1", "docs-v1")), broken)
                  .with_weights({"v1": 50, "v2": 50}))
     pods = [AppServer(create_app(service=EmbeddingService(state, store, timeout=0.5))).start() for _ in range(2)]
     yield [pod.url for pod in pods]

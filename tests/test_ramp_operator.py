@@ -8,6 +8,7 @@ from embedding_rollout.domain.analysis import VersionMetrics
 from embedding_rollout.domain.rollout import ABORTED, PAUSED
 from embedding_rollout.domain.state import StateFile, VersionSpec
 from embedding_rollout.online_metrics import MetricsUnavailable, Window
+from conftest import serving, verified
 
 RUN = "manual__test"
 
@@ -47,8 +48,7 @@ def ramp(tmp_path, monkeypatch):
     from embedding_rollout_airflow.runtime import Runtime
     monkeypatch.setenv("ER_HOME", str(tmp_path))
     state = StateFile(tmp_path / "state.json")
-    state.update(lambda s: s.with_version(VersionSpec("v1", 8, "docs-v1")).with_write_target("v1")
-                 .with_weights({"v1": 100}).with_version(VersionSpec("v2", 8, "docs-v2")).with_write_target("v2")
+    state.update(lambda s: verified(serving(s, VersionSpec("v1", 8, "docs-v1")), VersionSpec("v2", 8, "docs-v2"))
                  .change_rollout("begin", RUN, 1.0, rollout={"new": "v2", "current": "v1", "plan": [50, 100]}))
     waits = []
     monkeypatch.setattr(module, "wait_until", lambda op, ctx, moment, method, kwargs: (

@@ -2,10 +2,9 @@
 the real step command, SIGKILLed at a seeded point and run again; on LanceDB and on the real
 Elasticsearch server. At the end v1 and v2 both equal the writers' ground truth, document by
 document (id, version, fields, deleted flag, one row per id): 0 lost, 0 stale, 0 duplicated,
-0 resurrected. More seeds: ``bench/races.py``."""
+0 resurrected. More seeds: ``bench/data_soak.py``."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -17,19 +16,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from itertools import count
-from pathlib import Path
 
 import pytest
 import requests
 
 from conftest import ES_URL, elasticsearch_store
 from embedding_rollout import steps
-from embedding_rollout.corpus import corpus_path
 from embedding_rollout.pipeline.indexing import Checkpoint
 from embedding_rollout.store import open_store
-from rollout_harness import LocalDeployment
+from rollout_harness import LocalDeployment, small_corpus
 
-SEEDS = range(10)
+SEEDS = range(int(os.environ.get("ER_RACE_SEEDS", "10")))  # more: bench/data_soak.py
 CORPUS_DOCUMENTS = 500
 WRITERS = 4
 OPERATIONS_PER_WRITER = 60
@@ -113,14 +110,26 @@ class Writers:
         self.gc_deletes_probe = gc_deletes_probe
         self.errors: list[str] = []
         self.refused_stale: list[str] = []
+        self.retried_503 = 0
         self.orders = count()
 
     def next_version(self) -> int:
         with self.version_lock:
             return next(self.versions)
 
+    def send(self, method: str, doc_id: str, **request) -> requests.Response:
+        """One write as a well-behaved client sends it: a 503 (a generator or store that is busy
+        under this load) is retried with the same version, which makes the retry idempotent."""
+        for attempt in range(RETRIES_ON_503):
+            reply = requests.request(method, f"{self.url}/documents/{doc_id}", timeout=30, **request)
+            if reply.status_code != 503:
+                return reply
+            self.retried_503 += 1
+            time.sleep(0.2 * 2**attempt)
+        return reply
+
     def put(self, writer: int, doc_id: str, version: int, fields: dict) -> dict:
-        reply = requests.put(f"{self.url}/documents/{doc_id}", json={**fields, "version": version}, timeout=30)
+        reply = self.send("PUT", doc_id, json={**fields, "version": version})
         if reply.status_code != 200:
             self.errors.append(f"PUT {doc_id} v{version}: {reply.status_code} {reply.text[:200]}")
             return {}
@@ -128,7 +137,7 @@ class Writers:
         return reply.json()
 
     def delete(self, writer: int, doc_id: str, version: int) -> dict:
-        reply = requests.delete(f"{self.url}/documents/{doc_id}", params={"version": version}, timeout=30)
+        reply = self.send("DELETE", doc_id, params={"version": version})
         if reply.status_code != 200:
             self.errors.append(f"DELETE {doc_id} v{version}: {reply.status_code} {reply.text[:200]}")
             return {}
@@ -186,6 +195,7 @@ class Writers:
 
 
 GC_DELETES_SECONDS = 1
+RETRIES_ON_503 = 5
 
 
 def fields(rng: random.Random, doc_id: str, writer: int) -> dict:
@@ -199,21 +209,14 @@ def racing(request, tmp_path_factory, model_repo):
     if request.param == "elasticsearch":
         elasticsearch_store()  # fails in CI, skips elsewhere, when the server is not running
     home = tmp_path_factory.mktemp(f"races-{request.param}")
-    corpus = home / "corpus.jsonl.gz"
-    with gzip.open(corpus_path(), "rt") as source, gzip.open(corpus, "wt") as subset:
-        lines = [line for _, line in zip(range(CORPUS_DOCUMENTS * 20), source)]
-        for line in random.Random(7).sample(lines, CORPUS_DOCUMENTS):  # '~' ids among them
-            subset.write(line)
+    corpus = small_corpus(home / "corpus.jsonl.gz", CORPUS_DOCUMENTS)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("ER_CORPUS", str(corpus))
+        monkeypatch.setenv("ER_DRAIN_SECONDS", "0")  # v2 goes after its writers have stopped
         deployment = LocalDeployment(home, model_repo, monkeypatch, store=request.param, es_url=ES_URL,
                                      index_prefix=f"race-{uuid.uuid4().hex[:8]}")
         yield deployment
-        deployment.stop()
-        store = open_store(deployment.settings)
-        for index in store.indices():
-            if index.startswith(deployment.settings.index_prefix):
-                store.drop_index(index)
+        deployment.stop(drop_indices=True)
 
 
 def run_backfill(deployment, seed: int) -> tuple[str, dict]:
@@ -223,7 +226,7 @@ def run_backfill(deployment, seed: int) -> tuple[str, dict]:
     checkpoint = steps.checkpoint_path(settings, "v2", "v1")
     command = [sys.executable, "-m", "embedding_rollout.cli", "index", "load", "--version", "v2",
                "--source", "v1", "--batch-size", str(BATCH)]
-    env = {**os.environ, **deployment.env}
+    env = {**os.environ, **deployment.env, "ER_GENERATOR_PROTOCOL": "rest"}  # no TensorFlow to import: starts fast
     kill_at = rng.choice(["load"] * 4 + ["repair"])  # during the load, or in the repair after it
     threshold = rng.randrange(1, CORPUS_DOCUMENTS // BATCH) * BATCH
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -281,6 +284,7 @@ def test_concurrent_writers_and_a_killed_backfill_lose_duplicate_and_resurrect_n
                                                             "rows", rows_of, "writes", writes_of, "killed", point)
         deleted = sum(fields is None for _, fields in expected.values())
         print(f"\nseed {seed} ({settings.store}): {len(truth.writes)} acknowledged writes, {len(expected)} ids "
-              f"({deleted} deleted), killed {point}; resumed load: {result}; {figures}")
+              f"({deleted} deleted), {writers.retried_503} retried after a 503, killed {point}; "
+              f"resumed load: {result}; {figures}")
     finally:
         steps.remove_version(settings, "v2")

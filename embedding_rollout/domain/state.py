@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..locks import exclusive_lock
+from . import lifecycle
+from .lifecycle import DEPLOYED, ENDED, ROLLED_BACK, ROUTABLE, STABLE, WRITABLE, StateError
 from .rollout import PROMOTED, TRANSITIONS, Rollout, RolloutError, RolloutInProgress
 from .traffic import InvalidWeights, assign_version, validate_weights
 from .versions import is_version, parse_version
 
-
-class StateError(ValueError):
-    """An update that would leave the deployment state inconsistent."""
+__all__ = ["ConcurrentUpdate", "DeploymentState", "StateError", "StateFile", "VersionSpec"]
 
 
 class ConcurrentUpdate(RuntimeError):
@@ -34,7 +34,8 @@ class ConcurrentUpdate(RuntimeError):
 
 @dataclass(frozen=True)
 class VersionSpec:
-    """Where one model version lives: its generator endpoints and its index."""
+    """Where one model version lives (its generator endpoints and its index), and how far it got
+    in its lifecycle (``lifecycle.PHASES``; ``verification``: the last verification's report)."""
 
     name: str
     dims: int
@@ -43,6 +44,8 @@ class VersionSpec:
     generator_grpc: str = "127.0.0.1:8500"
     generator_rest: str = "http://127.0.0.1:8501"
     run_id: str = ""
+    phase: str = DEPLOYED
+    verification: dict | None = field(default=None, hash=False)
 
     @property
     def number(self) -> int:
@@ -92,6 +95,8 @@ class DeploymentState:
         for name, spec in self.versions.items():
             if not is_version(name) or spec.name != name:
                 raise StateError(f"invalid version entry {name!r}")
+            if spec.phase not in lifecycle.PHASES:
+                raise StateError(f"{name} has an unknown phase {spec.phase!r}")
         unknown = (set(self.weights) | set(self.write_targets)) - set(self.versions)
         if unknown:
             raise StateError(f"weights or write targets name undeployed versions: {sorted(unknown)}")
@@ -102,34 +107,83 @@ class DeploymentState:
                 raise StateError(str(exc)) from exc
         if self.stable is not None and self.stable not in self.versions:
             raise StateError(f"stable version {self.stable} is not deployed")
+        for name in self.weights:
+            if self.phase(name) not in (*ROUTABLE, ROLLED_BACK):
+                raise StateError(f"{name} has a weight but is {self.phase(name)}")
+        for name in self.write_targets:
+            if self.phase(name) not in (*WRITABLE, ROLLED_BACK):
+                raise StateError(f"{name} is a write target but is {self.phase(name)}")
+        stables = {name for name, spec in self.versions.items() if spec.phase == STABLE}
+        if stables != ({self.stable} if self.stable else set()):
+            raise StateError(f"the stable version is {self.stable}, but {sorted(stables)} have the stable phase")
         return self
 
-    # -- transitions used by the deployment steps; each returns a new state ------------------
+    def phase(self, version: str) -> str:
+        return self.spec(version).phase
+
+    def _with_phase(self, version: str, phase: str, **changes) -> "DeploymentState":
+        spec = dataclasses.replace(self.spec(version), phase=phase, **changes)
+        return dataclasses.replace(self, versions={**self.versions, version: spec})
+
+    # -- the lifecycle: every change of a version's phase goes through ``lifecycle`` --------------
     def with_version(self, spec: VersionSpec) -> "DeploymentState":
-        versions = {**self.versions, spec.name: spec}
-        stable = self.stable or spec.name
-        return dataclasses.replace(self, versions=versions, stable=stable).validate()
+        """A newly deployed version: no traffic, no writes yet."""
+        held = self.versions.get(spec.name)
+        if held is not None and held.phase in ENDED:
+            raise lifecycle.IllegalTransition(f"{spec.name} cannot be deployed: it is {held.phase} and being "
+                                              f"removed; run remove --version {spec.name} to finish that first")
+        spec = dataclasses.replace(spec, phase=DEPLOYED, verification=None)
+        return dataclasses.replace(self, versions={**self.versions, spec.name: spec}).validate()
 
     def with_write_target(self, version: str) -> "DeploymentState":
-        self.spec(version)
-        if version in self.write_targets:
-            return self
-        return dataclasses.replace(self, write_targets=(*self.write_targets, version)).validate()
+        state = self._with_phase(version, lifecycle.dual_write(version, self.phase(version)))
+        if version not in state.write_targets:
+            state = dataclasses.replace(state, write_targets=(*state.write_targets, version))
+        return state.validate()
+
+    def with_backfill(self, version: str) -> "DeploymentState":
+        """A bulk load of ``version``'s index ended; it needs a verification now (unless it serves)."""
+        phase = lifecycle.backfilled(version, self.phase(version))
+        kept = self.spec(version).verification if phase in ROUTABLE else None
+        return self._with_phase(version, phase, verification=kept).validate()
+
+    def with_verification(self, version: str, report: dict) -> "DeploymentState":
+        """Record a verification's ``report`` (``complete``, figures, ``source``, ``at``): a passed
+        one verifies the version; a failed one takes a verified version back to backfilled."""
+        passed = lifecycle.verified if report.get("complete") else lifecycle.verification_failed
+        phase = passed(version, self.phase(version))
+        return self._with_phase(version, phase, verification=dict(report)).validate()
 
     def with_weights(self, weights: dict[str, int], run_id: str | None = None,
                      step: int | None = None) -> "DeploymentState":
         """Set the traffic split; versions left out stop being live. With ``run_id`` (a rollout's
-        task) only while that run's rollout progresses, and with ``step`` only in that ramp step."""
+        task) only while that run's rollout progresses, and with ``step`` only in that ramp step.
+        Only a verified version can take traffic; a rolled-back one can only lose it."""
         if run_id is not None:
             self._rollout_of(run_id).guard_weights(run_id, step)
-        return dataclasses.replace(self, weights=dict(weights)).validate()
+        state = self
+        for version, weight in weights.items():
+            phase = lifecycle.weighted(version, self.phase(version), weight, self.weights.get(version, 0))
+            state = state._with_phase(version, phase)
+        for version in set(self.weights) - set(weights):
+            state = state._with_phase(version, lifecycle.leave_traffic(version, self.phase(version)))
+        return dataclasses.replace(state, weights=dict(weights)).validate()
 
     def with_stable(self, version: str) -> "DeploymentState":
-        self.spec(version)
-        return dataclasses.replace(self, stable=version)
+        """``version`` becomes the stable one (verified, at 100 %); the old stable one stays live."""
+        phase = lifecycle.make_stable(version, self.phase(version), self.weights.get(version))
+        return self._replace_stable(version, phase)
 
-    def without_version(self, version: str) -> "DeploymentState":
-        """Remove a version entirely (routes first: it must have no traffic left)."""
+    def _replace_stable(self, version: str, phase: str) -> "DeploymentState":
+        state = self
+        if self.stable and self.stable != version:
+            state = state._with_phase(self.stable, lifecycle.demote(self.stable, self.phase(self.stable),
+                                                                    self.stable in self.weights))
+        return dataclasses.replace(state._with_phase(version, phase), stable=version).validate()
+
+    def retiring(self, version: str) -> "DeploymentState":
+        """Removal begins: the version leaves routing and the write targets (it must have no
+        traffic left), then drains; ``without_version`` forgets it once its index is gone."""
         if self.weights.get(version, 0) > 0:
             raise StateError(f"cannot remove {version}: it still has {self.weights[version]} % of traffic")
         if version == self.stable:
@@ -137,12 +191,17 @@ class DeploymentState:
         rollout = self.rollout
         if rollout and rollout.active and version == rollout.current and rollout.phase != PROMOTED:
             raise StateError(f"cannot remove {version}: the {rollout.describe()} would roll back to it")
+        state = self._with_phase(version, lifecycle.retire(version, self.phase(version)))
         return dataclasses.replace(
-            self,
-            versions={k: v for k, v in self.versions.items() if k != version},
+            state,
             weights={k: w for k, w in self.weights.items() if k != version},
             write_targets=tuple(t for t in self.write_targets if t != version),
         ).validate()
+
+    def without_version(self, version: str) -> "DeploymentState":
+        """Forget a version (retiring it first if that has not begun)."""
+        state = self if self.phase(version) in ENDED and version not in self.write_targets else self.retiring(version)
+        return dataclasses.replace(state, versions={k: v for k, v in state.versions.items() if k != version}).validate()
 
     def check_purge(self, version: str) -> None:
         """Tombstones are what stops an older write (a backfill's, a repair's, a late retry's) from
@@ -184,10 +243,14 @@ class DeploymentState:
             if rollout.new not in self.write_targets:
                 raise RolloutError(f"cannot promote {rollout.new}: it is not a write target")
             state = state.with_stable(rollout.new)
-        elif transition == "abort" and rollout.phase == PROMOTED:
-            if rollout.current not in self.versions or rollout.current not in self.write_targets:
-                raise RolloutError(f"cannot roll back to {rollout.current}: its removal has begun")
-            state = state.with_stable(rollout.current)
+        elif transition == "abort" and rollout.phase != changed.phase:
+            if rollout.phase == PROMOTED:
+                if rollout.current not in self.versions or rollout.current not in self.write_targets:
+                    raise RolloutError(f"cannot roll back to {rollout.current}: its removal has begun")
+                state = state._replace_stable(rollout.current,
+                                              lifecycle.restore_stable(rollout.current, self.phase(rollout.current)))
+            if rollout.new in state.versions:
+                state = state._with_phase(rollout.new, lifecycle.roll_back(rollout.new, state.phase(rollout.new)))
         return state.validate()
 
     def change_rollout(self, transition: str, run_id: str, now: float, rollout: dict | None = None,
@@ -222,11 +285,19 @@ class DeploymentState:
     @classmethod
     def from_json(cls, data: dict) -> "DeploymentState":
         rollout = data.get("rollout")
+        weights = {k: int(w) for k, w in data.get("weights", {}).items()}
+        write_targets = tuple(data.get("write_targets", ()))
+        stable = data.get("stable")
+
+        def spec(name: str, fields: dict) -> VersionSpec:  # a state file from before phases has none
+            phase = fields.get("phase") or lifecycle.inferred(name, stable, weights, write_targets)
+            return VersionSpec(**{**fields, "phase": phase})
+
         return cls(
-            versions={k: VersionSpec(**v) for k, v in data.get("versions", {}).items()},
-            weights={k: int(w) for k, w in data.get("weights", {}).items()},
-            write_targets=tuple(data.get("write_targets", ())),
-            stable=data.get("stable"),
+            versions={k: spec(k, v) for k, v in data.get("versions", {}).items()},
+            weights=weights,
+            write_targets=write_targets,
+            stable=stable,
             rollout=Rollout.from_json(rollout) if rollout else None,
             revision=int(data.get("revision", 0)),
         ).validate()

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class ModelManager:
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
         self._faults: dict[int, float] = {}
+        self._delays: dict[int, float] = {}
         self._random = random.Random(0)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -102,6 +104,10 @@ class ModelManager:
             raise BadRequest(f"fault rate must be between 0 and 1, got {rate}")
         self._faults[number] = rate
 
+    def set_delay(self, number: int, seconds: float) -> None:
+        """Hold each predict call to ``number`` this long once resolved (a slow request in flight)."""
+        self._delays[number] = max(0.0, seconds)
+
     # -- queries -------------------------------------------------------------------------------
     def status(self, number: int) -> VersionState:
         with self._lock:
@@ -136,6 +142,8 @@ class ModelManager:
         number, signature = self.resolve(number)
         if self._random.random() < self._faults.get(number, 0.0):
             raise InjectedFault(f"injected failure in {self.name} version {number}")
+        if self._delays.get(number):
+            time.sleep(self._delays[number])
         if not texts:
             return number, np.zeros((0, 0), dtype=np.float32)
         out = signature(**{INPUT_KEY: tf.constant(texts, dtype=tf.string)})

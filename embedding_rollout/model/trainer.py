@@ -25,9 +25,7 @@ import keras  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SIGNATURE = "serving_default"
-INPUT_KEY = "text"
-OUTPUT_KEY = "embedding"
+from .signature import INPUT_KEY, OUTPUT_KEY, SIGNATURE  # noqa: E402,F401 (re-exported)
 
 
 @dataclass(frozen=True)

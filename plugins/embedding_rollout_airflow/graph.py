@@ -22,7 +22,7 @@ THRESHOLDS = "{{ %s['thresholds'] }}" % CONF
 
 
 def prepare_new_version(strategy: str):
-    """The setup, then steps 1-3: deploy, dual-write, backfill, wait until the new index is complete.
+    """The setup, then steps 1-3: deploy, dual-write, backfill, verify, wait for the verification.
 
     Returns (conf, tasks in order)."""
     conf = begin_rollout_task(strategy)
@@ -34,11 +34,16 @@ def prepare_new_version(strategy: str):
              doc_md="Step 2: streaming updates now go to both versions."),
         step("backfill", ["index", "load", "--version", NEW, "--source", CURRENT],
              doc_md="Step 3: re-embed every document of the current index into the new one (resumable)."),
+        step("verify_backfill", ["index", "verify", "--version", NEW, "--source", CURRENT],
+             doc_md="Step 3: check the new index against the current one both ways, tombstones too, and "
+                    "record the result with the new version."),
         BackfillCompleteSensor(task_id="wait_backfill_complete", version=NEW, source=CURRENT, poke_interval=15,
                                timeout=6 * 3600,
-                               doc_md="Every source document is in the new index at its latest version."),
+                               doc_md="The new version's recorded verification against the current one passed."),
     ]
-    conf >> tasks[0] >> tasks[1] >> tasks[2] >> tasks[3]
+    for before, after in zip(tasks, tasks[1:]):
+        before >> after
+    conf >> tasks[0]
     return conf, tasks
 
 

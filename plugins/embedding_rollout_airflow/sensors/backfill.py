@@ -1,4 +1,4 @@
-"""BackfillCompleteSensor: wait until the new index really holds every source document."""
+"""BackfillCompleteSensor: wait until the new index's verification against the source has passed."""
 from __future__ import annotations
 
 import time
@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from embedding_rollout.config import Settings
-from embedding_rollout.steps import verify_backfill
+from embedding_rollout.domain.lifecycle import ROUTABLE, VERIFIED
 
 from ..hooks.deployment import deployment_hook
 from ..runtime import Runtime
@@ -16,13 +15,14 @@ from ..waiting import MIN_DEFER_SECONDS, wait_until
 
 
 class BackfillCompleteSensor(BaseSensorOperator):
-    """Done when the backfill checkpoint is final *and* every document of ``source`` is in
-    ``version``'s index at its latest version (the invariant, not just "the job ended").
+    """Done when ``version`` is verified against ``source``: the verification step (``index
+    verify``, a pod in clusters) ran once the backfill ended and recorded its report with the
+    version in the deployment state. The sensor reads that record, a few hundred bytes, instead
+    of scanning the indices on every poke.
 
     Checks at once, then every ``poke_interval`` seconds (at least ``MIN_DEFER_SECONDS``), deferred
-    between checks so it holds no worker slot; fails after ``timeout`` seconds. The state and the
-    checkpoint come from the state file, or in a cluster from the app; the documents are read from
-    the store itself.
+    between checks so it holds no worker slot; fails after ``timeout`` seconds. The state comes
+    from the state file, or in a cluster from the app.
     """
 
     template_fields: Sequence[str] = ("version", "source")
@@ -43,14 +43,18 @@ class BackfillCompleteSensor(BaseSensorOperator):
                           {"started": started})
 
     def poke(self, context) -> bool:
-        deployment = deployment_hook(Runtime())
-        checkpoint = deployment.checkpoint(self.version, self.source)
-        if not checkpoint.done:
-            self.log.info("backfill of %s from %s not final yet: %d documents so far, up to id %r",
-                          self.version, self.source, checkpoint.loaded, checkpoint.last_id)
+        spec = deployment_hook(Runtime()).state().spec(self.version)
+        report = spec.verification or {}
+        if spec.phase not in (VERIFIED, *ROUTABLE) or report.get("source") != self.source:
+            self.log.info("%s is %s; verification against %s: %s", self.version, spec.phase, self.source,
+                          _figures(report) if report else "none recorded yet")
             return False
-        report = verify_backfill(Settings(), self.version, self.source, deployment.state())
-        self.log.info("checked %d documents of %s against %d rows of %s: %d missing, %d behind, %d extra, "
-                      "%d duplicated %s", report.checked, self.source, report.target_checked, self.version,
-                      report.missing, report.behind, report.extra, report.duplicated, report.examples[:5])
-        return report.complete
+        self.log.info("%s verified against %s: %s", self.version, self.source, _figures(report))
+        return True
+
+
+def _figures(report: dict) -> str:
+    outcome = "passed" if report.get("complete") else "failed"
+    return (f"{outcome}: {report.get('checked', 0)} source documents against {report.get('target_checked', 0)} "
+            f"rows; {report.get('missing', 0)} missing, {report.get('behind', 0)} behind, {report.get('extra', 0)} "
+            f"extra, {report.get('duplicated', 0)} duplicated {report.get('examples') or ''}")
