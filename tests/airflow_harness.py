@@ -88,10 +88,13 @@ class LiveAirflow:
 
 
 def start_live_airflow(home, model_repo, monkeypatch, port: int) -> LiveAirflow:
+    # The traffic's requests take milliseconds here: a 1 s drain outlasts them (the default, the
+    # generator's and the store's timeouts, is for slow requests; tests/test_dual_write.py drains those).
+    monkeypatch.setenv("ER_DRAIN_SECONDS", "1")
     deployment = LocalDeployment(home / "home", model_repo, monkeypatch)
     # No weekly retrain: unpausing a scheduled DAG would start its latest missed interval at once.
     airflow = AirflowStack(home / "airflow", port=port, parallelism=4,
-                           env={**deployment.env, "ER_RETRAIN_SCHEDULE": "none"})
+                           env={**deployment.env, "ER_RETRAIN_SCHEDULE": "none", "ER_DRAIN_SECONDS": "1"})
     try:
         airflow.start()
         api = airflow.api()

@@ -27,10 +27,10 @@ from embedding_rollout.store import open_store
 from rollout_harness import LocalDeployment, small_corpus
 
 SEEDS = range(int(os.environ.get("ER_RACE_SEEDS", "10")))  # more: bench/data_soak.py
-CORPUS_DOCUMENTS = 500
+CORPUS_DOCUMENTS = 300
 WRITERS = 4
-OPERATIONS_PER_WRITER = 60
-BATCH = 16  # small batches: the seeded kill lands inside the load
+OPERATIONS_PER_WRITER = 45
+BATCH = 12  # small batches: the seeded kill lands inside the load
 
 
 @dataclass(frozen=True)
