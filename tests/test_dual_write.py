@@ -92,10 +92,11 @@ def test_remove_lets_a_request_in_flight_finish_before_the_index_and_generator_g
     assert after.json()["model_version"] == "v1"  # no longer routable: assigned by the weights
 
 
-def test_a_removal_killed_after_retiring_the_version_is_finished_by_the_next_run(deployment, monkeypatch):
+def test_a_removal_that_stopped_after_retiring_the_version_is_finished_by_the_next_run(deployment, monkeypatch):
+    """The state a remove leaves when it dies during its drain (a real SIGKILL there: test_step_kills.py)."""
     monkeypatch.setenv("ER_DRAIN_SECONDS", "0")
     settings = deployment.settings
-    deployment.state.update(lambda s: s.retiring("v2"))  # as a remove SIGKILLed while draining leaves it
+    deployment.state.update(lambda s: s.retiring("v2"))
     assert deployment.state.read().phase("v2") == "retired"
     with pytest.raises(Exception, match="v2 cannot take traffic: it is retired"):
         steps.set_weights(settings, {"v1": 90, "v2": 10})
