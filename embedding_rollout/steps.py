@@ -193,8 +193,7 @@ def promote(settings: Settings, version: str, passes: int = 5, run_id: str | Non
     need another pass). With ``run_id``, as that run's rollout's ``promote`` transition."""
     state = state_file(settings).read()
     stable = state.stable
-    if state.phase(version) != lifecycle.STABLE:
-        lifecycle.make_stable(version, state.phase(version), state.weights.get(version))  # before any work
+    lifecycle.make_stable(version, state.phase(version), state.weights.get(version))  # refused before any work
     if stable and stable != version and {stable, version} <= set(state.write_targets):
         repair(settings, version, stable)
         report = verify(settings, version, stable, passes)
