@@ -38,7 +38,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from embedding_rollout.domain.decisions import DecisionLog  # noqa: E402
+from embedding_rollout.statestore import DecisionLog  # noqa: E402
 from embedding_rollout.domain.state import StateFile  # noqa: E402
 from embedding_rollout.service import EmbeddingService  # noqa: E402
 from serving_app import AppServer, create_app  # noqa: E402

@@ -76,11 +76,17 @@ class AirflowStack:
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            # On a small busy machine a fresh API server can take longer than the default 5 s to
+            # answer a worker; after 5 such timeouts the task is killed before it starts.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
             # Every component signs or checks the same tokens.
             "AIRFLOW__API_AUTH__JWT_SECRET": self._secret("jwt-secret"),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.password_file),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            # The DAG files do not change while the stack runs: parsing them every 30 s (the
+            # default) only takes CPU from the tasks.
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "300",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             **self.env,
         }
@@ -242,7 +248,13 @@ class AirflowApi:
     def wait(self, dag_id: str, run_id: str, timeout: float = 900.0, poll: float = 2.0) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            run = self.run(dag_id, run_id)
+            try:
+                run = self.run(dag_id, run_id)
+            except requests.exceptions.RequestException:  # a busy API server: ask again, until the deadline
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(poll)
+                continue
             if run["state"] in TERMINAL_RUN_STATES:
                 return run
             if time.monotonic() > deadline:

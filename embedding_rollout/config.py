@@ -29,6 +29,11 @@ class Settings:
     # model-server: one server told what to serve; kubernetes: a TF Serving Deployment per version.
     generator_backend: str = field(default_factory=lambda: _env("ER_GENERATOR_BACKEND", "model-server"))
     k8s_namespace: str = field(default_factory=lambda: _env("ER_K8S_NAMESPACE", "embeddings"))
+    # How long a new version's generator Deployment may take to become available (kubernetes).
+    generator_deploy_timeout: float = field(default_factory=lambda: float(_env("ER_GENERATOR_DEPLOY_TIMEOUT", "900")))
+    # file: the state file under ER_HOME; kubernetes: a ConfigMap in ER_K8S_NAMESPACE.
+    state_backend: str = field(default_factory=lambda: _env("ER_STATE_BACKEND", "file"))
+    state_configmap: str = field(default_factory=lambda: _env("ER_STATE_CONFIGMAP", "embedding-rollout-state"))
     generator_template: Path = field(default_factory=lambda: Path(_env("ER_GENERATOR_TEMPLATE", str(
         Path(__file__).resolve().parent.parent / "k8s" / "generator-version-template"))))
 

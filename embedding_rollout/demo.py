@@ -148,7 +148,8 @@ def _summary(state: str, record, checked, mismatches, new, current, seconds) -> 
     console.print(table)
     ok = state == "success" and not record.failures and not mismatches
     console.print(f"DAG run: {state}; answers: {len(record.responses)}, writes: {len(record.written)}, "
-                  f"deletes: {len(record.deleted)}; failed requests: {len(record.failures)}; "
+                  f"deletes: {len(record.deleted)}; failed requests: {len(record.failures)} "
+                  f"({len(record.retried)} 503s answered on a retry after Retry-After); "
                   f"version consistency: {checked - len(mismatches)}/{checked} sampled answers match the "
                   f"version they report; duration {seconds:.0f} s")
     for failure in record.failures[:5]:

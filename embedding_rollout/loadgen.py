@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import requests
 
+RETRIES_ON_503 = 2
 QUERIES = ["asyncio event loop", "unicode decode error", "reference leak in the C API", "IDLE editor",
            "pathlib glob", "Windows installer", "typing generics", "ssl certificates"]
 
@@ -21,13 +22,14 @@ QUERIES = ["asyncio event loop", "unicode decode error", "reference leak in the 
 @dataclass
 class TrafficRecord:
     started: float = field(default_factory=time.monotonic)
-    responses: list[dict] = field(default_factory=list)   # at, version, query, top hit
+    responses: list[dict] = field(default_factory=list)   # at, user, version, query, top hit
     failures: list[str] = field(default_factory=list)
     weights_seen: list[dict] = field(default_factory=list)
     weights_at: list[float] = field(default_factory=list)  # when each of weights_seen was first seen
     written: dict[str, int] = field(default_factory=dict)  # doc id -> seq, live
     deleted: dict[str, int] = field(default_factory=dict)  # doc id -> seq of the delete
     missed: dict[str, list[str]] = field(default_factory=dict)  # doc id -> versions that missed its write
+    retried: list[str] = field(default_factory=list)  # 503s answered in time on a retry after Retry-After
 
     def per_version_over_time(self, bucket_seconds: float = 5.0) -> dict[int, dict[str, int]]:
         buckets: dict[int, dict[str, int]] = {}
@@ -35,6 +37,16 @@ class TrafficRecord:
             slot = buckets.setdefault(int(response["at"] // bucket_seconds), {})
             slot[response["version"]] = slot.get(response["version"], 0) + 1
         return dict(sorted(buckets.items()))
+
+    def users_moved_back(self, old: str, new: str) -> dict[str, list[str]]:
+        """Users whose answers did not go ``old``… then ``new``… (at most one move, old to new):
+        each with its versions in order. Empty while assignment is sticky and the weights rise."""
+        versions: dict[str, list[str]] = {}
+        for response in sorted(self.responses, key=lambda r: r["at"]):
+            versions.setdefault(response["user"], []).append(response["version"])
+        order = {old: 0, new: 1}
+        return {user: seen for user, seen in versions.items()
+                if not set(seen) <= order.keys() or any(order[b] < order[a] for a, b in zip(seen, seen[1:]))}
 
 
 class Traffic:
@@ -76,11 +88,24 @@ class Traffic:
                 self.record.failures.append(f"{type(exc).__name__}: {exc}")
             time.sleep(self.pause)
 
+    def _send(self, method: str, path: str, **request) -> requests.Response:
+        """One request as a well-behaved client sends it: a 503 with ``Retry-After`` (a generator or
+        store that did not answer in time) is sent again after that delay, at most RETRIES_ON_503
+        times. Writes carry their version, so a retried write is idempotent. Only a request that
+        still fails counts as a failure; the retries are recorded."""
+        for _ in range(RETRIES_ON_503):
+            reply = self.session.request(method, f"{self.app_url}{path}", timeout=10, **request)
+            if reply.status_code != 503 or "Retry-After" not in reply.headers or self._stop.is_set():
+                return reply
+            self.record.retried.append(f"{method} {path}: {reply.text[:200]}")
+            time.sleep(min(float(reply.headers["Retry-After"]), 5.0))
+        return self.session.request(method, f"{self.app_url}{path}", timeout=10, **request)
+
     def _search(self, n: int) -> None:
         query = self.rng.choice(QUERIES)
-        headers = {"x-user-id": f"user-{n % 50}", **({"x-model-version": self.version} if self.version else {})}
-        reply = self.session.post(f"{self.app_url}/search", json={"query": query, "k": 3}, headers=headers,
-                                  timeout=10)
+        user = f"user-{n % 50}"
+        headers = {"x-user-id": user, **({"x-model-version": self.version} if self.version else {})}
+        reply = self._send("POST", "/search", json={"query": query, "k": 3}, headers=headers)
         if reply.status_code != 200:
             self.record.failures.append(f"search {reply.status_code}: {reply.text[:200]}")
             return
@@ -88,20 +113,20 @@ class Traffic:
         if body["model_version"] != reply.headers.get("x-model-version"):
             self.record.failures.append(f"header {reply.headers.get('x-model-version')} != body {body['model_version']}")
         top = body["results"][0] if body["results"] else None
-        self.record.responses.append({"at": time.monotonic() - self.record.started,
+        self.record.responses.append({"at": time.monotonic() - self.record.started, "user": user,
                                       "version": body["model_version"], "query": query, "top": top})
 
     def _write(self, n: int) -> None:
         seq = self.first_seq + n  # newer than any earlier session's writes, as real updates are
         if n % 15 == 0 and self.record.written:
             doc_id = self.rng.choice(sorted(self.record.written))
-            reply = self.session.delete(f"{self.app_url}/documents/{doc_id}", params={"version": seq}, timeout=10)
+            reply = self._send("DELETE", f"/documents/{doc_id}", params={"version": seq})
             if reply.status_code == 200:
                 self.record.written.pop(doc_id)
                 self.record.deleted[doc_id] = seq
         else:
             doc_id = f"stream-{self.tag}-{n}"
-            reply = self.session.put(f"{self.app_url}/documents/{doc_id}", timeout=10, json={
+            reply = self._send("PUT", f"/documents/{doc_id}", json={
                 "title": f"Streaming update {n}", "text": f"Live change number {n} during the rollout.",
                 "category": "Library", "date": "2024-06-01", "version": seq})
             if reply.status_code == 200:

@@ -22,6 +22,10 @@ from .store.base import (Filters, Hit, IndexNotFound, InvalidDocument, StoredDoc
 log = logging.getLogger(__name__)
 
 
+class NotReady(StateError):
+    """A weight change would send more traffic to a version that cannot serve it."""
+
+
 @dataclass(frozen=True)
 class SearchResult:
     model_version: str
@@ -78,7 +82,23 @@ class EmbeddingService:
         """The router's split; the versions listed become the live ones. ``run_id`` (and ``step``):
         a rollout task's change, applied only while its rollout (and step) allows it."""
         weights = validate_weights(weights)
+        self.state().with_weights(weights, run_id, step)  # the state's own refusals (phase, rollout) first
+        self._refuse_raising_unready_candidates(weights)
         return self.state_file.update(lambda s: s.with_weights(weights, run_id, step))
+
+    def _refuse_raising_unready_candidates(self, weights: dict[str, int]) -> None:
+        """A candidate whose generator or index is not ready gets no more traffic than it has: in
+        the cluster the mesh router asks the app before Istio, so neither sends it any. Lowering
+        a weight, and all traffic to the stable version (a rollback), always go through."""
+        state = self.state()
+        rising = [v for v, w in sorted(weights.items())
+                  if v != state.stable and v in state.versions and w > state.weights.get(v, 0)]
+        store_problem = self._store_problem() if rising else None
+        for version in rising:
+            health = self._health(state.spec(version), store_problem)
+            if not health["ready"]:
+                raise NotReady(f"{version} is not ready (generator: {health['generator']}; index: "
+                               f"{health['index']}): its weight may not rise above {state.weights.get(version, 0)} %")
 
     def change_rollout(self, transition: str, run_id: str, **arguments) -> DeploymentState:
         now = time.time()
@@ -149,28 +169,43 @@ class EmbeddingService:
         return result
 
     # -- health --------------------------------------------------------------------------------
-    def readiness(self) -> dict[str, dict[str, str]]:
-        """Per live version: the generator's state and the index's; all must be ready."""
-        state = self.state()
-        report: dict[str, dict[str, str]] = {}
+    def readiness(self, state: DeploymentState | None = None) -> dict[str, dict]:
+        """Per live version: its generator's state, its index's, whether both are ready, and its
+        role. Only the versions in ``serving_versions`` gate the app's readiness: a candidate
+        that fails must not take the app, and with it the stable version, out of service."""
+        state = state or self.state()
+        store_problem = self._store_problem()
+        return {version: {"role": "stable" if version == state.stable else "candidate",
+                          **self._health(state.spec(version), store_problem)} for version in state.live_versions}
+
+    def _store_problem(self) -> str | None:
         try:
             self.store.ready()
-            store_ok = None
+            return None
         except StoreUnavailable as exc:
-            store_ok = str(exc)
-        for version in state.live_versions:
-            spec = state.spec(version)
-            entry: dict[str, str] = {}
+            return str(exc)
+
+    def _health(self, spec: VersionSpec, store_problem: str | None) -> dict:
+        """The version's generator state, its index's, and whether both are ready."""
+        entry: dict = {}
+        try:
+            entry["generator"] = self.generator(spec).status()
+        except GeneratorError as exc:
+            entry["generator"] = f"unavailable: {exc}"
+        if store_problem:
+            entry["index"] = f"unavailable: {store_problem}"
+        else:
             try:
-                entry["generator"] = self.generator(spec).status()
-            except GeneratorError as exc:
-                entry["generator"] = f"unavailable: {exc}"
-            if store_ok:
-                entry["index"] = f"unavailable: {store_ok}"
-            else:
-                try:
-                    entry["index"] = f"ready ({self.store.count(spec.index)} docs)"
-                except Exception as exc:  # a missing index or an unreachable server: not ready
-                    entry["index"] = f"unavailable: {exc}"
-            report[version] = entry
-        return report
+                entry["index"] = f"ready ({self.store.count(spec.index)} docs)"
+            except Exception as exc:  # a missing index or an unreachable server: not ready
+                entry["index"] = f"unavailable: {exc}"
+        entry["ready"] = entry["generator"] == "AVAILABLE" and entry["index"].startswith("ready")
+        return entry
+
+
+def serving_versions(state: DeploymentState) -> list[str]:
+    """The versions the app's readiness stands for: the stable one (a candidate's failure falls back
+    to it), or before there is one, every live version that takes traffic."""
+    if state.stable and state.is_live(state.stable):
+        return [state.stable]
+    return [v for v in state.live_versions if state.weights.get(v, 0) > 0]

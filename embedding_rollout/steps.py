@@ -21,10 +21,11 @@ from pathlib import Path
 from .config import Settings
 from .domain import lifecycle
 from .domain.rollout import ABORTED, PROMOTED, RolloutError
-from .domain.state import DeploymentState, StateFile, VersionSpec
+from .domain.state import DeploymentState, VersionSpec
 from .domain.traffic import validate_weights
 from .domain.versions import parse_version
 from .model.repository import read_dims
+from .statestore import checkpoint_path, checkpoint_slot, forget_checkpoints, open_state  # noqa: F401 (checkpoint_path: the local runtime's file)
 from .store import open_store
 
 # The generator and indexing modules import TensorFlow (through the TF Serving protos): imported
@@ -42,8 +43,9 @@ def model_dims(settings: Settings, version: str) -> int:
         raise FileNotFoundError(f"no trained model for {version}: {folder} is missing or incomplete") from None
 
 
-def state_file(settings: Settings) -> StateFile:
-    return StateFile(settings.state_path)
+def state_file(settings: Settings):
+    """The deployment state: the file under ER_HOME, or the ConfigMap (``ER_STATE_BACKEND``)."""
+    return open_state(settings)
 
 
 def version_spec(settings: Settings, version: str, run_id: str = "") -> VersionSpec:
@@ -108,10 +110,6 @@ def _source(settings: Settings, source: str, state: DeploymentState | None = Non
     return (lambda after: store.scan(index, include_deleted=True, after=after)), (lambda: store.count(index))
 
 
-def checkpoint_path(settings: Settings, version: str, source: str) -> Path:
-    return settings.home / "checkpoints" / f"{version}-from-{source}.json"
-
-
 def _embedder(settings: Settings, spec: VersionSpec, batch_size: int):
     from .generator.client import GeneratorTarget, generator_client
     target = GeneratorTarget(spec.name, spec.generator_grpc, spec.generator_rest, spec.model_name)
@@ -124,7 +122,7 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
     """Step 3: embed every source document with ``version``'s generator into its index, then
     repair what the live writes missed meanwhile."""
     from .pipeline.indexing import load_index
-    checkpoint = checkpoint or checkpoint_path(settings, version, source)
+    checkpoint = checkpoint or checkpoint_slot(settings, version, source)
     state = state_file(settings).read()
     spec = state.spec(version)
     lifecycle.backfilled(version, spec.phase)  # refused before any work when the version may not be loaded
@@ -248,8 +246,7 @@ def remove_version(settings: Settings, version: str, drain_seconds: float | None
     generators(settings).remove(version)
     if open_store(settings).drop_index(settings.index_name(version) if spec is None else spec.index):
         log.info("dropped the index of %s", version)
-    for checkpoint in (settings.home / "checkpoints").glob(f"{version}-from-*.json"):
-        checkpoint.unlink()  # a later deployment of the same version must backfill again
+    forget_checkpoints(settings, version)
     return state_file(settings).update(lambda s: s.without_version(version) if version in s.versions else s)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite against the real parts: starts the Elasticsearch test server when none
-# answers at ER_TEST_ES_URL (and stops it again afterwards), then runs pytest with any arguments.
+# answers at ER_TEST_ES_URL, and the Kubernetes control plane (scripts/kube-test-cluster.sh) when
+# none answers, stops what it started afterwards, and runs pytest with any arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ES_PORT=${ES_PORT:-9200}
@@ -10,6 +11,19 @@ if ! curl -fsS "${ER_TEST_ES_URL}/_cluster/health" >/dev/null 2>&1; then
   bash scripts/elasticsearch.sh start
   started_es=1
 fi
-cleanup() { if [ -n "$started_es" ]; then bash scripts/elasticsearch.sh stop || true; fi; }
+started_kube=""
+if ! bash scripts/kube-test-cluster.sh status >/dev/null 2>&1; then
+  bash scripts/kube-test-cluster.sh start
+  started_kube=1
+fi
+eval "$(bash scripts/kube-test-cluster.sh env)"
+cleanup() {
+  if [ -n "$started_es" ]; then bash scripts/elasticsearch.sh stop || true; fi
+  if [ -n "$started_kube" ]; then bash scripts/kube-test-cluster.sh stop || true; fi
+}
 trap cleanup EXIT
-.venv/bin/python -m pytest "$@"
+# Two workers on two cores: the longest tests (the Airflow end-to-end ones, the rollouts against
+# the Kubernetes control plane) mostly wait on a scheduler, so their chains run side by side with
+# the rest in between (tests/conftest.py keeps the tests of one shared live system on one worker,
+# in order). Three workers overloaded two cores: Airflow's API server timed out. ER_TEST_WORKERS=0: serial.
+.venv/bin/python -m pytest -n "${ER_TEST_WORKERS:-2}" "$@"

@@ -11,9 +11,8 @@ import uvicorn
 from connexion.middleware import MiddlewarePosition
 
 from embedding_rollout.config import Settings
-from embedding_rollout.domain.decisions import DecisionLog
-from embedding_rollout.domain.state import StateFile
 from embedding_rollout.service import EmbeddingService
+from embedding_rollout.statestore import ConfigMapDecisionLog, DecisionLog, open_decisions, open_state
 from embedding_rollout.store import open_store
 
 from .guards import RequestBodyGuard
@@ -24,18 +23,18 @@ from .metrics import AppMetrics
 class AppContext:
     service: EmbeddingService
     metrics: AppMetrics
-    decisions: DecisionLog
+    decisions: DecisionLog | ConfigMapDecisionLog
     settings: Settings
 
 
 def create_app(settings: Settings | None = None, service: EmbeddingService | None = None,
-               decisions: DecisionLog | None = None) -> connexion.FlaskApp:
+               decisions: DecisionLog | ConfigMapDecisionLog | None = None) -> connexion.FlaskApp:
     """Build the app; ``service`` replaces the one the settings describe (tests, embedding)."""
     settings = settings or Settings()
-    decisions = decisions or DecisionLog(settings.decisions_path)
     if service is None:
-        service = EmbeddingService(StateFile(settings.state_path), open_store(settings),
+        service = EmbeddingService(open_state(settings, watch=True), open_store(settings),
                                    protocol=settings.generator_protocol, timeout=settings.generator_timeout)
+    decisions = decisions or open_decisions(settings, state=service.state_file)
     app = connexion.FlaskApp(__name__, specification_dir=str(Path(__file__).parent))
     app.add_api("openapi.yaml", strict_validation=True, validate_responses=False)
     app.add_middleware(RequestBodyGuard, position=MiddlewarePosition.BEFORE_EXCEPTION)

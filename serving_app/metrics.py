@@ -1,7 +1,7 @@
 """Prometheus metrics of the app, labelled by model version (one registry per app instance)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -23,7 +23,15 @@ class AppMetrics:
         self.write_misses = Counter("embedding_app_write_misses", "Writes a candidate version missed (its "
                                     "generator or index failed; the stable version took them)", ["model_version"],
                                     registry=self.registry)
+        self.version_ready = Gauge("embedding_app_version_ready", "1 when the live version's generator and index "
+                                   "are ready (as of the last /readyz), by role: stable or candidate",
+                                   ["model_version", "role"], registry=self.registry)
         self._prepared: set[tuple[str, str | None]] = set()
+
+    def record_readiness(self, report: dict[str, dict]) -> None:
+        self.version_ready.clear()  # versions no longer live leave no series behind
+        for version, entry in report.items():
+            self.version_ready.labels(model_version=version, role=entry["role"]).set(1 if entry["ready"] else 0)
 
     def prepare(self, state) -> None:
         """Create a live version's series at 0 before its first request. Prometheus's increase()

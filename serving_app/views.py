@@ -17,7 +17,8 @@ from embedding_rollout.domain.state import StateError
 from embedding_rollout.domain.traffic import InvalidWeights
 from embedding_rollout.model.repository import ModelNotFound, catalogue, find
 from embedding_rollout.pipeline.indexing import Checkpoint
-from embedding_rollout.steps import checkpoint_path
+from embedding_rollout.service import serving_versions
+from embedding_rollout.statestore import checkpoint_slot
 from embedding_rollout.generator.client import VERSION_HEADER, GeneratorError, GeneratorUnavailable
 from embedding_rollout.store.base import Filters, IndexNotFound, InvalidDocument, InvalidFilter, StoreUnavailable
 
@@ -166,7 +167,8 @@ def backfill_checkpoint(version: str, source: str):
     state = ctx.service.state()
     if version not in state.versions:
         return problem(404, "Not Found", f"model version {version} is not deployed")
-    checkpoint = Checkpoint.load(checkpoint_path(ctx.settings, version, source), state.versions[version].index)
+    slot = checkpoint_slot(ctx.settings, version, source, state=ctx.service.state_file)
+    checkpoint = Checkpoint.load(slot, state.versions[version].index)
     return asdict(checkpoint), 200, JSON
 
 
@@ -195,12 +197,14 @@ def healthz():
 
 
 def readyz():
-    report = _ctx().service.readiness()
-    ready = bool(report) and all(
-        part["generator"] == "AVAILABLE" and part["index"].startswith("ready") for part in report.values())
+    ctx = _ctx()
+    state = ctx.service.state()
+    report, serving = ctx.service.readiness(state), serving_versions(state)
+    ctx.metrics.record_readiness(report)
+    ready = bool(serving) and all(report[v]["ready"] for v in serving)
     if not report:
         report = {"deployment": {"error": "no live model version"}}
-    return {"ready": ready, "versions": report}, 200 if ready else 503
+    return {"ready": ready, "serving": serving, "versions": report}, 200 if ready else 503
 
 
 def metrics():

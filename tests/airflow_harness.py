@@ -91,6 +91,10 @@ def start_live_airflow(home, model_repo, monkeypatch, port: int) -> LiveAirflow:
     # The traffic's requests take milliseconds here: a 1 s drain outlasts them (the default, the
     # generator's and the store's timeouts, is for slow requests; tests/test_dual_write.py drains those).
     monkeypatch.setenv("ER_DRAIN_SECONDS", "1")
+    # A version's first predictions after it is loaded, on two busy cores, can take longer than the
+    # default 2 s: the analysis would judge the machine, not the version (tests/test_dual_write.py
+    # and tests/test_app.py test the timeouts themselves).
+    monkeypatch.setenv("ER_GENERATOR_TIMEOUT", "10")
     deployment = LocalDeployment(home / "home", model_repo, monkeypatch)
     # No weekly retrain: unpausing a scheduled DAG would start its latest missed interval at once.
     airflow = AirflowStack(home / "airflow", port=port, parallelism=4,

@@ -15,7 +15,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Airflow reads its configuration at import: a throwaway home with the project's DAGs and plugins.
+# Airflow reads its configuration at import: a throwaway home with the project's DAGs and plugins,
+# one per pytest-xdist worker (a worker inherits the controller's environment, which has one too).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix=f"er-airflow-{os.environ['PYTEST_XDIST_WORKER']}-")
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="er-airflow-"))
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
@@ -34,6 +37,30 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Small but real models: two time windows, two sizes, so v1 and v2 genuinely differ.
 TEST_MODELS = {1: ("2019-01-01", 32), 2: (None, 48)}
+
+
+# scripts/test.sh runs the suite on two pytest-xdist workers. The tests of one shared live system
+# run on one worker, in order: each group of Airflow end-to-end tests (one live Airflow per worker,
+# mostly waiting on its scheduler, so the rest of the suite runs meanwhile), and the tests of the
+# one Kubernetes cluster's `embeddings` namespace. The groups, having the most tests, are handed
+# out first. (A scheduler of its own: xdist's loadgroup cannot tag node ids under
+# pytest 9.2.)
+SERIAL_GROUPS = {"airflow-ramped": ("test_airflow_ramped",),
+                 "airflow-ab": ("test_airflow_ab", "test_airflow_retrain"),
+                 "kube": ("test_istio_weights", "test_generator_fleet", "test_rbac", "test_cluster_",
+                          "test_state_configmap")}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedSystemScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = Path(nodeid.split("::", 1)[0]).stem
+            group = next((g for g, prefixes in SERIAL_GROUPS.items() if module.startswith(prefixes)), None)
+            return group or nodeid  # any other test is a unit of its own
+
+    return SharedSystemScheduling(config, log)
 
 
 def verified(state, *specs):
@@ -165,3 +192,34 @@ def live(live_airflow):
     yield live_airflow
     for number in (1, 2, 3, 4, 5):
         live_airflow.deployment.model_server.manager.set_fault_rate(number, 0.0)
+
+
+# -- the real Kubernetes control plane (scripts/kube-test-cluster.sh) ------------------------------
+@pytest.fixture(scope="session")
+def kube():
+    """The real API server holding what the cluster tests act on -- the base's namespaces, service
+    accounts, RBAC, gateway and generator objects, applied server-side (so they passed the real
+    schemas) -- and a stand-in kubelet for the pods of ``embeddings``. The app and Elasticsearch
+    are left out: nothing here runs them (``test_cluster_apply`` dry-runs every object)."""
+    from kube_cluster import StandInKubelet, connect
+    from test_manifests import render
+    cluster = connect()
+    left_out = {("Deployment", "embedding-app"), ("StatefulSet", "elasticsearch")}
+    objects = [o for o in render("base") if (o["kind"], o["metadata"]["name"]) not in left_out
+               and o["kind"] not in ("PersistentVolumeClaim", "Job")]
+    cluster.apply([o for o in objects if o["kind"] == "Namespace"])
+    cluster.apply([o for o in objects if o["kind"] != "Namespace"])
+    cluster.kubelet = StandInKubelet(cluster, "embeddings").start()
+    yield cluster
+    cluster.kubelet.stop()
+
+
+@pytest.fixture
+def kube_generators(kube):
+    """The generator objects of ``embeddings`` as the base has them (v1 live), whatever an earlier
+    test left; no version's pods crash-loop."""
+    from kube_cluster import reset_generators
+    kube.kubelet.crash_looping.clear()
+    reset_generators(kube)
+    yield kube
+    kube.kubelet.crash_looping.clear()

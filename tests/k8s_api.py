@@ -1,15 +1,19 @@
-"""An HTTP server that imitates the Kubernetes API for namespaced objects.
+"""An HTTP imitation of the Kubernetes API, kept for the one thing nothing here can run: a pod's
+container, and so its log.
 
-Nothing real can run a Kubernetes API server here, so this speaks its wire protocol for the calls
-the project's code makes: get, list (with a ``labelSelector`` -- ``=``, ``==``, ``!=``, ``in``,
-``notin``, ``key``, ``!key`` -- and a ``fieldSelector`` on the fields the API supports), create,
-patch (RFC 6902 JSON Patch, RFC 7386 merge patch, and strategic merge patch treated as a merge
-patch) and delete of ``/api/v1/namespaces/{ns}/{resource}[/{name}]`` and
+Every other cluster test runs against the real kube-apiserver (``tests/kube_cluster.py``). This
+one serves ``tests/test_pod_launch.py``: what KubernetesPodOperator does with a step pod whose
+container really writes lines and exits with a code -- the lines in the task log, a failed pod
+kept, a succeeded one deleted, a restarted worker reattaching.
+
+It speaks the wire protocol for the calls that code makes: get, list (with a ``labelSelector`` --
+``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key`` -- and a ``fieldSelector`` on the fields
+the API supports), create, patch (RFC 6902 JSON Patch, RFC 7386 merge patch, and strategic merge
+patch treated as a merge patch) and delete of ``/api/v1/namespaces/{ns}/{resource}[/{name}]`` and
 ``/apis/{group}/{version}/namespaces/{ns}/...``, with the API's answers: ``Status`` objects, 404
 NotFound, 409 AlreadyExists, 400 BadRequest for a selector it cannot parse, 415 for an unsupported
-patch type, 422 Invalid when a ``test`` operation fails or an object is invalid (as kube-apiserver
-does), a new resourceVersion on every write, and optionally a 409 Conflict for the next N patches
-(another writer won the race at the storage layer).
+patch type, 422 Invalid when a ``test`` operation fails or an object is invalid, and a new
+resourceVersion on every write.
 
 Pods live: a created pod is validated against the Kubernetes schema (422 if invalid), and what the
 scheduler and the kubelet would do to it happens across reads of it (see ``PodRun``): Pending
@@ -22,9 +26,9 @@ exits, which the container then does). Only ``restartPolicy: Never`` is imitated
 KubernetesPodOperator creates): containers are never restarted. Watches and other subresources are
 not imitated (405), so a caller relying on them fails loudly.
 
-Every request is recorded as an RBAC-style call (verb, API group, resource, name), so tests can
-compare what the code does with what the Roles allow. ``controllers`` imitate what a controller
-would do to an object when it is read (e.g. a Deployment becoming available).
+Every request is recorded as an RBAC-style call (verb, API group, resource, name), so a test can
+say which calls the operator made; whether RBAC allows them is proved by the real authorizer
+(``tests/test_rbac.py``).
 """
 from __future__ import annotations
 
@@ -231,10 +235,7 @@ def _invalid_labels(labels: dict) -> list[str]:
 class FakeKubernetesAPI:
     def __init__(self):
         self.objects: dict[tuple[str, str, str, str], dict] = {}  # (group, resource, namespace, name)
-        self.conflicts_to_inject = 0
-        self.requests: list[tuple[str, str, str | None]] = []  # method, path, content type
         self.calls: list[Call] = []
-        self.controllers: dict[str, Callable[[dict], None]] = {}  # resource -> change an object on read
         # What a created pod's containers do (see PodRun); a test can make some pods fail, e.g. by their args.
         self.pod_runs: Callable[[dict], PodRun] = lambda pod: PodRun()
         self._pods: dict[str, _PodLife] = {}  # by uid
@@ -458,8 +459,6 @@ class FakeKubernetesAPI:
             return self._not_found(resource, name)
         if resource == "pods":
             self._observe(obj)
-        if resource in self.controllers:
-            self.controllers[resource](obj)
         return 200, copy.deepcopy(obj)
 
     def _list(self, group, resource, namespace, query, version: str = "v1") -> tuple[int, dict]:
@@ -524,13 +523,6 @@ class FakeKubernetesAPI:
                                                              f"accepted media types include: {', '.join(PATCH_TYPES)}")
         if key not in self.objects:
             return self._not_found(resource, name)
-        if self.conflicts_to_inject:
-            self.conflicts_to_inject -= 1
-            self._version += 1  # someone else wrote it meanwhile
-            self.objects[key]["metadata"]["resourceVersion"] = str(self._version)
-            return 409, status(409, "Conflict", f'Operation cannot be fulfilled on {KINDS.get(resource, resource)} '
-                                                f'"{name}": the object has been modified; please apply your '
-                                                f'changes to the latest version and try again')
         try:
             if content_type == "application/json-patch+json":
                 patched = jsonpatch.apply_patch(self.objects[key], json.loads(body))
@@ -600,7 +592,6 @@ class FakeKubernetesAPI:
 
             def _serve(self):
                 content_type = self.headers.get("Content-Type", "").split(";")[0] or None
-                api.requests.append((self.command, self.path, content_type if self.command == "PATCH" else None))
                 url = urlsplit(self.path)
                 match = PATH.match(url.path)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))

@@ -65,8 +65,14 @@ class LocalDeployment:
                     store.drop_index(index)
 
 
+# About 15 requests a second: plenty for every analysis window, while a test's traffic does not
+# take a whole core from the scheduler and the other tests running beside it.
+TEST_TRAFFIC_PAUSE = 0.05
+
+
 def traffic(deployment: "LocalDeployment", **kwargs) -> Traffic:
-    return Traffic(deployment.app.url, lambda: deployment.state.read().weights, **kwargs)
+    return Traffic(deployment.app.url, lambda: deployment.state.read().weights,
+                   **{"pause": TEST_TRAFFIC_PAUSE, **kwargs})
 
 
 def check_version_consistency(deployment: LocalDeployment, record: TrafficRecord) -> int:

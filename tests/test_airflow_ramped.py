@@ -35,6 +35,7 @@ def test_a_four_step_ramp_through_the_scheduler(live):
     assert record.failures == []
     assert rises(record.weights_seen, new) == [0, 25, 50, 75, 100]
     assert {r["version"] for r in record.responses} == {current, new}
+    assert record.users_moved_back(current, new) == {}  # each user moved at most once, old to new
     live.assert_serving_only(new)
     assert live.state().rollout.phase == SUCCEEDED
     assert live.deployment.model_server.manager.status(int(current[1:])).state == "END"
@@ -111,7 +112,8 @@ def test_a_failing_promote_rolls_back(live):
 
 def test_marking_the_run_failed_mid_ramp_rolls_back_and_stops_the_ramp(live):
     current, new = live.versions()
-    conf = {"new_version": new, "step_percent": 25, "step_interval_seconds": 15, "min_requests": 3}
+    # 25 s a step: the mark (a PATCH to a busy API server) must land before the ramp's last two steps end.
+    conf = {"new_version": new, "step_percent": 25, "step_interval_seconds": 25, "min_requests": 3}
     with live.traffic() as record:
         run_id = live.trigger(DAG, conf)
         live.wait_for(lambda: live.state().weights.get(new) == 50, what=f"{new} at 50 %")

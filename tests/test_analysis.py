@@ -7,7 +7,8 @@ from prometheus_client import generate_latest
 
 from embedding_rollout.domain.analysis import (FAILED, INCONCLUSIVE, SUCCESSFUL, Thresholds, automatic_decision,
                                                click_through, judge, parse_metrics, two_proportion_p_value, window)
-from embedding_rollout.domain.decisions import DecisionLog, InvalidDecision
+from embedding_rollout.domain.decisions import InvalidDecision
+from embedding_rollout.statestore import DecisionLog
 from serving_app.metrics import AppMetrics
 
 

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from conftest import elasticsearch_store, serving, spec_for, verified
-from embedding_rollout.domain.decisions import DecisionLog
+from embedding_rollout.statestore import DecisionLog
 from embedding_rollout.domain.state import StateFile, VersionSpec
 from embedding_rollout.pipeline.indexing import corpus_source, load_index
 from embedding_rollout.service import EmbeddingService
@@ -345,12 +345,13 @@ def test_an_unexpected_error_is_a_counted_5xx_that_fails_the_analysis(model_serv
 def operator_app(model_server, tmp_path):
     """An app over a deployment with v1 live and v2 deployed, for the operator endpoints."""
     from embedding_rollout.store.lance import LanceStore
-    state = StateFile(tmp_path / "state.json")
+    state, store = StateFile(tmp_path / "state.json"), LanceStore(str(tmp_path / "lance"))
     for version in ("v1", "v2"):
         spec = spec_for(model_server, version, f"docs-{version}")
+        store.create_index(spec.index, spec.dims, {"model_version": version})  # ready to take traffic
         state.update(lambda s, spec=spec: verified(s, spec))
     state.update(lambda s: s.with_weights({"v1": 100}))
-    server = AppServer(create_app(service=EmbeddingService(state, LanceStore(str(tmp_path / "lance"))))).start()
+    server = AppServer(create_app(service=EmbeddingService(state, store))).start()
     yield server.url, state
     server.stop()
 
@@ -395,3 +396,61 @@ def test_the_operator_api_gives_traffic_only_to_a_verified_version_and_shows_eve
     shown = requests.get(f"{url}/deployment").json()["versions"]
     assert {name: spec["phase"] for name, spec in shown.items()} == {"v1": "live", "v2": "live", "v3": "backfilled"}
     assert shown["v2"]["verification"]["complete"] is True and shown["v3"]["verification"] is None
+
+
+def app_with_a_broken_candidate(model_server, tmp_path):
+    """v1 stable at 90 %, v2 at 10 % with its generator down (nothing listens on its port); the
+    app over them, started. Returns (state, server)."""
+    from embedding_rollout.store.lance import LanceStore
+    store = LanceStore(str(tmp_path / "lance"))
+    state = StateFile(tmp_path / "state.json")
+    stable = spec_for(model_server, "v1", "docs-v1")
+    broken = VersionSpec("v2", 48, "docs-v2", generator_grpc="127.0.0.1:9", generator_rest="http://127.0.0.1:9")
+    for spec in (stable, broken):
+        store.create_index(spec.index, spec.dims, {"model_version": spec.name})
+    state.update(lambda s: verified(serving(s, stable), broken).with_weights({"v1": 90, "v2": 10}))
+    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
+    return state, server
+
+
+def test_a_broken_candidate_leaves_the_app_ready_and_gets_no_traffic(model_server, tmp_path):
+    """A candidate at 10 % whose generator is down (its pods crash-loop): the app stays ready,
+    because readiness gates on the stable version alone; /readyz and /metrics report the candidate
+    not ready; its requests are served wholly by the stable version."""
+    state, server = app_with_a_broken_candidate(model_server, tmp_path)
+    try:
+        ready = requests.get(f"{server.url}/readyz")
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["ready"] is True and body["serving"] == ["v1"]
+        assert body["versions"]["v1"] | {"role": "stable", "ready": True} == body["versions"]["v1"]
+        assert body["versions"]["v2"]["role"] == "candidate" and body["versions"]["v2"]["ready"] is False
+        assert "unavailable" in body["versions"]["v2"]["generator"]
+        reply = post_search(server.url, {"query": "x"}, **{"x-model-version": "v2"})
+        assert reply.status_code == 200 and reply.json()["model_version"] == "v1"
+        metrics = requests.get(f"{server.url}/metrics").text
+        assert 'embedding_app_version_ready{model_version="v1",role="stable"} 1.0' in metrics
+        assert 'embedding_app_version_ready{model_version="v2",role="candidate"} 0.0' in metrics
+    finally:
+        server.stop()
+
+
+def test_a_candidate_that_is_not_ready_gets_no_more_traffic(model_server, tmp_path):
+    """Raising a candidate's weight while its generator is down is refused (409 naming it, the
+    state unchanged), so neither the app nor Istio (the mesh router asks the app first) sends it
+    more traffic; lowering its weight, and a rollback to the stable version, still go through."""
+    state, server = app_with_a_broken_candidate(model_server, tmp_path)
+    try:
+        before = (tmp_path / "state.json").read_bytes()
+        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 50, "v2": 50}})
+        assert reply.status_code == 409, reply.text
+        assert "v2 is not ready" in reply.json()["detail"] and "generator" in reply.json()["detail"]
+        assert (tmp_path / "state.json").read_bytes() == before
+        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 95, "v2": 5}})
+        assert reply.status_code == 200, reply.text
+        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 100}})
+        assert reply.status_code == 200 and state.read().weights == {"v1": 100}
+        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 90, "v2": 10}})
+        assert reply.status_code == 409  # back from 0: a raise as well
+    finally:
+        server.stop()

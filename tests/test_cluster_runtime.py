@@ -8,7 +8,6 @@ import dataclasses
 import numpy as np
 import pytest
 import requests
-from kubernetes import client
 
 from embedding_rollout import steps
 from embedding_rollout_airflow.hooks.deployment import AppDeploymentHook, DeploymentStateError
@@ -43,7 +42,7 @@ def served_version(app_url: str, header: str) -> str:
 
 def test_weights_change_in_the_app_before_istio_routes_to_a_version_and_after_it_stops(deployment, istio):  # noqa: F811
     app = AppDeploymentHook(deployment.app.url)
-    mesh = IstioVirtualServiceHook(NAME, NAMESPACE, api_client=client.ApiClient(client.Configuration(host=istio.url)))
+    mesh = IstioVirtualServiceHook(NAME, NAMESPACE, api_client=istio.cluster.admin)
     seen = []  # (Istio's weights, the app's live versions) around each Istio change
     real_set = mesh.set_weights
 
@@ -75,7 +74,7 @@ def test_after_an_abort_a_rollout_task_changes_neither_the_app_nor_istio(deploym
     patch, when the state is checked again."""
     from embedding_rollout_airflow.hooks.routing import WeightsRefused
     app = AppDeploymentHook(deployment.app.url)
-    mesh = IstioVirtualServiceHook(NAME, NAMESPACE, api_client=client.ApiClient(client.Configuration(host=istio.url)))
+    mesh = IstioVirtualServiceHook(NAME, NAMESPACE, api_client=istio.cluster.admin)
     router = MeshRouterHook(mesh, app)
     app.change_rollout("begin", "run-1", rollout={"new": "v2", "current": "v1", "plan": [50, 100]})
     app.change_rollout("start_step", "run-1", step=0)
@@ -177,3 +176,52 @@ def test_the_conf_is_checked_through_the_app_where_the_worker_sees_no_volume(dep
     reply = requests.get(f"{deployment.app.url}/deployment/models/v2",
                          params={"artifact": str(deployment.settings.model_dir / "2")})
     assert reply.status_code == 200 and reply.json()["dims"] == 48
+
+
+def test_a_version_at_0_percent_has_no_route_in_istio(deployment, istio):  # noqa: F811
+    """The ramp's last step puts the old version at 0 %: the app keeps it live (the rollback window),
+    Istio keeps no destination of it, so its removal leaves nothing behind in the routes."""
+    app = AppDeploymentHook(deployment.app.url)
+    router = MeshRouterHook(IstioVirtualServiceHook(NAME, NAMESPACE, api_client=istio.cluster.admin), app)
+    assert router.set_weights({"v1": 90, "v2": 10}) == {"v1": 90, "v2": 10}
+    assert router.set_weights({"v1": 0, "v2": 100}) == {"v1": 0, "v2": 100} == app.state().weights
+    assert weights_of(istio.get(NAMESPACE, NAME)) == {"v2": 100}
+    assert router.set_weights({"v1": 100, "v2": 0}) == {"v1": 100, "v2": 0}  # a rollback routes v1 again
+    assert weights_of(istio.get(NAMESPACE, NAME)) == {"v1": 100}
+
+
+def test_a_destination_left_for_a_removed_version_does_not_block_the_next_rollout(deployment, istio,  # noqa: F811
+                                                                                 monkeypatch):
+    """Istio still routes 0 % to v1 (as an older release left it), but v1 has been removed: the
+    next weight change drops that destination instead of asking the app to keep v1 live (409)."""
+    from test_istio_weights import gateway_virtual_service
+    app = AppDeploymentHook(deployment.app.url)
+    router = MeshRouterHook(IstioVirtualServiceHook(NAME, NAMESPACE, api_client=istio.cluster.admin), app)
+    router.set_weights({"v1": 0, "v2": 100})
+    deployment.state.update(lambda s: s.with_stable("v2"))
+    monkeypatch.setenv("ER_DRAIN_SECONDS", "0")
+    steps.remove_version(deployment.settings, "v1")
+    assert "v1" not in app.state().versions
+    istio.put(gateway_virtual_service({"v1": 0, "v2": 100}))
+    assert router.set_weights({"v2": 100}) == {"v2": 100}
+    assert weights_of(istio.get(NAMESPACE, NAME)) == {"v2": 100}
+
+
+def test_a_candidate_that_stops_being_ready_gets_no_more_traffic_from_istio_or_the_app(deployment, istio):  # noqa: F811
+    """v2 takes 10 %, then its generator goes away (its pods crash): the app stays ready and reports
+    v2 not ready; the next ramp step is refused by the app, which the router asks first, so
+    Istio's VirtualService is never patched towards v2; the rollback to v1 goes through."""
+    from embedding_rollout_airflow.hooks.routing import WeightsRefused
+    app = AppDeploymentHook(deployment.app.url)
+    router = MeshRouterHook(IstioVirtualServiceHook(NAME, NAMESPACE, api_client=istio.cluster.admin), app)
+    assert router.set_weights({"v1": 90, "v2": 10}) == {"v1": 90, "v2": 10}
+    deployment.model_server.manager.serve([1])  # v2 unloaded: its generator no longer answers for it
+    ready = requests.get(f"{deployment.app.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["versions"]["v2"]["ready"] is False, ready.text
+    mark = istio.cluster.audit_mark()
+    with pytest.raises(WeightsRefused, match="v2 is not ready"):
+        router.set_weights({"v1": 50, "v2": 50})
+    assert weights_of(istio.get(NAMESPACE, NAME)) == {"v1": 90, "v2": 10} and app.state().weights == {"v1": 90, "v2": 10}
+    assert istio.patches_since(mark) == []
+    assert router.set_weights({"v1": 100}) == {"v1": 100}
+    assert weights_of(istio.get(NAMESPACE, NAME)) == {"v1": 100}

@@ -1,6 +1,8 @@
 """Generators in a cluster: the deploy and remove steps manage one TF Serving Deployment per version,
-its DestinationRule subset and its route, make-before-break, against an HTTP imitation of the
-Kubernetes API holding the project's own manifests."""
+its DestinationRule subset and its route, make-before-break, against the real API server holding
+the project's own manifests. They run with the step pods' own ServiceAccount token (rollout-steps),
+so RBAC is the real authorizer's. kube-controller-manager makes the ReplicaSets and pods; the
+stand-in kubelet of ``tests/kube_cluster.py`` reports the pods Ready (or crash-looping)."""
 from __future__ import annotations
 
 import pytest
@@ -10,52 +12,18 @@ from kubernetes import client
 from conftest import REPO
 from embedding_rollout.generator.admin import ModelServerAdmin
 from embedding_rollout.generator.kubernetes import GeneratorRolloutFailed, KubernetesFleet, render
-from k8s_api import FakeKubernetesAPI
-from test_manifests import by_kind, check_generator_routing, raw_base, validate
+from kube_cluster import KUBECONFIG, NAMESPACE, generator_deployments, get_istio, put_istio, wait_until
+from test_manifests import check_generator_routing
 
-NAMESPACE = "embeddings"
 TEMPLATES = REPO / "k8s" / "generator-version-template"
-ISTIO_KINDS = {"DestinationRule": "destinationrules", "VirtualService": "virtualservices"}
-
-
-class DeploymentController:
-    """What the Deployment controller and kubelet do: after a few reads the replicas are up, unless
-    the version's pods never get ready (then the progress deadline passes)."""
-
-    def __init__(self, reads_until_ready: int = 2):
-        self.reads_until_ready, self.reads, self.never_ready = reads_until_ready, {}, set()
-
-    def __call__(self, deployment: dict) -> None:
-        name = deployment["metadata"]["name"]
-        self.reads[name] = self.reads.get(name, 0) + 1
-        replicas = deployment["spec"].get("replicas", 1)
-        if name in self.never_ready:
-            deployment["status"] = {"observedGeneration": deployment["metadata"]["generation"], "replicas": replicas,
-                                    "updatedReplicas": replicas, "unavailableReplicas": replicas, "conditions": [
-                                        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
-                                         "message": f'ReplicaSet "{name}-5d4f" has timed out progressing.'}]}
-        elif self.reads[name] >= self.reads_until_ready:
-            deployment["status"] = {"observedGeneration": deployment["metadata"]["generation"], "replicas": replicas,
-                                    "updatedReplicas": replicas, "readyReplicas": replicas,
-                                    "availableReplicas": replicas,
-                                    "conditions": [{"type": "Available", "status": "True"}]}
-        else:
-            deployment["status"] = {"observedGeneration": deployment["metadata"]["generation"], "replicas": replicas,
-                                    "updatedReplicas": replicas, "unavailableReplicas": replicas}
+STEPS_USER = "system:serviceaccount:embeddings:rollout-steps"
 
 
 @pytest.fixture
-def cluster():
-    """The fake API holding the base's generator objects (v1 live)."""
-    api = FakeKubernetesAPI().start()
-    api.controllers["deployments"] = DeploymentController()
-    for obj in raw_base():
-        if obj["kind"] in ISTIO_KINDS and obj["metadata"]["name"] == "embedding-generator":
-            api.put(obj, ISTIO_KINDS[obj["kind"]])
-        elif obj["kind"] == "Deployment" and obj["metadata"]["name"].startswith("embedding-generator-"):
-            api.put(obj, "deployments")
-    yield api
-    api.stop()
+def cluster(kube_generators):
+    """The base's generator objects (v1 live) and a client as the step pods' ServiceAccount."""
+    kube_generators.steps_client = kube_generators.client_as(NAMESPACE, "rollout-steps")
+    return kube_generators
 
 
 @pytest.fixture
@@ -64,63 +32,73 @@ def mesh_admin(model_server, model_repo):
     return ModelServerAdmin(f"127.0.0.1:{model_server.grpc_port}", "embedder", str(model_repo), timeout=3)
 
 
-def fleet(api: FakeKubernetesAPI, **kwargs) -> KubernetesFleet:
-    kwargs.setdefault("poll_seconds", 0.01)
-    return KubernetesFleet(NAMESPACE, TEMPLATES, api_client=client.ApiClient(client.Configuration(host=api.url)),
-                           **kwargs)
+def fleet(cluster, **kwargs) -> KubernetesFleet:
+    kwargs.setdefault("poll_seconds", 0.2)
+    kwargs.setdefault("timeout", 120)
+    return KubernetesFleet(NAMESPACE, TEMPLATES, api_client=cluster.steps_client, **kwargs)
 
 
-def generator_objects(api: FakeKubernetesAPI) -> list[dict]:
-    objects = [api.get(NAMESPACE, "embedding-generator", plural) for plural in ISTIO_KINDS.values()]
-    return objects + [o for (g, r, ns, n), o in api.objects.items() if r == "deployments"]
+def generator_objects(cluster) -> list[dict]:
+    istio = [get_istio(cluster, kind, "embedding-generator") for kind in ("VirtualService", "DestinationRule")]
+    return istio + list(generator_deployments(cluster).values())
 
 
-def writes(api: FakeKubernetesAPI) -> list[tuple[str, str, str]]:
-    return [(c.verb, c.resource, c.name) for c in api.calls if c.verb in ("create", "patch", "delete")]
+def writes(cluster, mark: int) -> list[tuple[str, str, str | None, int]]:
+    """The step identity's writes since ``mark``, from the API server's audit log."""
+    return [(e["verb"], e["objectRef"]["resource"], e["objectRef"].get("name"), e["responseStatus"]["code"])
+            for e in cluster.audit_since(mark, STEPS_USER) if e["verb"] in ("create", "patch", "delete")]
 
 
 def test_deploy_is_make_before_break_and_leaves_a_valid_routed_version(cluster, mesh_admin):
-    confirmed = []
-    fleet(cluster, confirm=lambda v: (mesh_admin.wait_available(int(v[1:])), confirmed.append(v))).deploy("v2")
+    confirmed, mark = [], cluster.audit_mark()
 
-    assert writes(cluster) == [("create", "deployments", None), ("patch", "destinationrules", "embedding-generator"),
-                               ("patch", "virtualservices", "embedding-generator")]
-    # The subset was added only after the Deployment was read as available.
-    controller = cluster.controllers["deployments"]
-    assert controller.reads["embedding-generator-v2"] >= controller.reads_until_ready
+    def confirm(version):
+        # Called after the route is in place: by then the Deployment was available.
+        status = generator_deployments(cluster)[f"embedding-generator-{version}"]["status"]
+        assert status["availableReplicas"] == 2
+        mesh_admin.wait_available(int(version[1:]))
+        confirmed.append(version)
+
+    fleet(cluster, confirm=confirm).deploy("v2")
+
+    assert writes(cluster, mark) == [("create", "deployments", "embedding-generator-v2", 201),
+                                     ("patch", "destinationrules", "embedding-generator", 200),
+                                     ("patch", "virtualservices", "embedding-generator", 200)]
     assert confirmed == ["v2"]
     objects = generator_objects(cluster)
-    for obj in objects:
-        validate({k: v for k, v in obj.items() if k != "status"} | {"metadata": {
-            k: v for k, v in obj["metadata"].items() if k in ("name", "namespace", "labels", "annotations")}})
     check_generator_routing(objects, {"v1", "v2"})
-    created = cluster.get(NAMESPACE, "embedding-generator-v2", "deployments")
+    created = generator_deployments(cluster)["embedding-generator-v2"]
     expected = yaml.safe_load(render((TEMPLATES / "generator.yaml").read_text(), "v2"))
-    assert created["spec"] == expected["spec"]
+    assert created["spec"]["template"]["spec"]["containers"][0]["env"] == \
+        expected["spec"]["template"]["spec"]["containers"][0]["env"]
     assert "versions: 2 }" in created["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"]
+    # The real controllers made its ReplicaSet and pods; the pods carry the subset's labels.
+    pods = client.CoreV1Api(cluster.admin).list_namespaced_pod(NAMESPACE, label_selector="version=v2").items
+    assert len(pods) == 2 and all(p.metadata.owner_references[0].kind == "ReplicaSet" for p in pods)
 
 
 def test_deploy_twice_changes_nothing_the_second_time(cluster):
     fleet(cluster).deploy("v2")
     before = generator_objects(cluster)
-    cluster.calls.clear()
+    mark = cluster.audit_mark()
     fleet(cluster).deploy("v2")
     assert generator_objects(cluster) == before
-    assert [c.verb for c in cluster.calls if c.verb != "get"] == ["create"]  # answered 409 AlreadyExists
+    assert writes(cluster, mark) == [("create", "deployments", "embedding-generator-v2", 409)]  # AlreadyExists, nothing else
 
 
-def test_a_version_that_never_gets_ready_is_never_routed(cluster):
-    cluster.controllers["deployments"].never_ready.add("embedding-generator-v3")
-    with pytest.raises(GeneratorRolloutFailed, match="timed out progressing"):
-        fleet(cluster).deploy("v3")
-    check_generator_routing(generator_objects(cluster), {"v1"})
-
-
-def test_a_deployment_that_stays_unavailable_times_out(cluster):
-    cluster.controllers["deployments"].reads_until_ready = 10**6
+def test_a_version_whose_pods_never_get_ready_is_never_routed(cluster):
+    """Its pods crash-loop: the Deployment never becomes available, the step fails at its deadline,
+    and no subset or route of it exists."""
+    cluster.kubelet.crash_looping.add("v3")
     with pytest.raises(GeneratorRolloutFailed, match="not available after"):
-        fleet(cluster, timeout=0.2).deploy("v2")
-    assert [c.verb for c in cluster.calls if c.verb == "patch"] == []
+        fleet(cluster, timeout=8).deploy("v3")
+    status = generator_deployments(cluster)["embedding-generator-v3"]["status"]
+    assert status.get("unavailableReplicas", 0) >= 1 and not status.get("availableReplicas")
+    check_generator_routing([o for o in generator_objects(cluster) if o["metadata"]["name"] != "embedding-generator-v3"],
+                            {"v1"})
+    fleet(cluster).remove("v3")  # the rollback: nothing of v3 is left
+    wait_until(lambda: "embedding-generator-v3" not in generator_deployments(cluster), 30, "v3 deleted")
+    check_generator_routing(generator_objects(cluster), {"v1"})
 
 
 def test_a_failed_mesh_confirmation_fails_the_step(cluster, mesh_admin):
@@ -132,48 +110,68 @@ def test_a_failed_mesh_confirmation_fails_the_step(cluster, mesh_admin):
 
 def test_remove_is_routes_first_and_leaves_the_other_version_untouched(cluster):
     fleet(cluster).deploy("v2")
-    v1_before = cluster.get(NAMESPACE, "embedding-generator-v1", "deployments")
-    cluster.calls.clear()
+    v1_before = generator_deployments(cluster)["embedding-generator-v1"]
+    mark = cluster.audit_mark()
     fleet(cluster).remove("v2")
-    assert writes(cluster) == [("patch", "virtualservices", "embedding-generator"),
-                               ("patch", "destinationrules", "embedding-generator"),
-                               ("delete", "deployments", "embedding-generator-v2")]
-    objects = generator_objects(cluster)
-    check_generator_routing(objects, {"v1"})
-    assert by_kind(objects, "Deployment") == [v1_before]
-    cluster.calls.clear()
+    assert writes(cluster, mark) == [("patch", "virtualservices", "embedding-generator", 200),
+                                     ("patch", "destinationrules", "embedding-generator", 200),
+                                     ("delete", "deployments", "embedding-generator-v2", 200)]
+    wait_until(lambda: "embedding-generator-v2" not in generator_deployments(cluster), 30, "v2 deleted")
+    check_generator_routing(generator_objects(cluster), {"v1"})
+    v1_after = generator_deployments(cluster)["embedding-generator-v1"]
+    assert (v1_after["spec"], v1_after["metadata"]["generation"]) == (v1_before["spec"], v1_before["metadata"]["generation"])
+    mark = cluster.audit_mark()
     fleet(cluster).remove("v2")  # again: nothing to do, the 404 of the delete is fine
-    assert writes(cluster) == [("delete", "deployments", "embedding-generator-v2")]
+    assert writes(cluster, mark) == [("delete", "deployments", "embedding-generator-v2", 404)]
 
 
-def test_concurrent_changes_to_the_routes_are_retried_not_overwritten(cluster):
-    cluster.conflicts_to_inject = 2
-    fleet(cluster).deploy("v2")
+def test_a_concurrent_change_to_the_routes_is_retried_not_overwritten(cluster):
+    """Someone changes the generator VirtualService between the step's read and its patch: the
+    API server refuses the patch (422, the resourceVersion test), the step reads again, and both
+    changes are kept."""
+    steps_fleet, mark = fleet(cluster), cluster.audit_mark()
+    real_get, raced = steps_fleet.custom.get_namespaced_custom_object, []
+
+    def racing_get(group, version, namespace, plural, name, **kwargs):
+        current = real_get(group, version, namespace, plural, name, **kwargs)
+        if plural == "virtualservices" and not raced:
+            raced.append(True)
+            changed = get_istio(cluster, "VirtualService", name)
+            changed["spec"]["http"][0]["timeout"] = "7s"
+            put_istio(cluster, changed)
+        return current
+
+    steps_fleet.custom.get_namespaced_custom_object = racing_get
+    steps_fleet.deploy("v2")
+    assert [w[3] for w in writes(cluster, mark) if w[1] == "virtualservices"] == [422, 200]
+    service = get_istio(cluster, "VirtualService", "embedding-generator")
+    assert service["spec"]["http"][0]["timeout"] == "7s"
     check_generator_routing(generator_objects(cluster), {"v1", "v2"})
 
 
 def test_the_deploy_and_remove_steps_use_the_cluster_fleet(cluster, tmp_path, monkeypatch, model_repo,
                                                            model_server):
-    """The steps as the step pods run them: settings from ER_*, the API from the kubeconfig."""
+    """The steps as the step pods run them: settings from ER_*, the API from a kubeconfig holding
+    the step ServiceAccount's token."""
     from embedding_rollout import steps
     from embedding_rollout.config import Settings
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "fake", "cluster": {"server": cluster.url}}],
-        "users": [{"name": "rollout-steps", "user": {"token": "t"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "fake", "user": "rollout-steps"}}]}))
+    admin = yaml.safe_load(KUBECONFIG.read_text())
+    token = cluster.service_account_token(NAMESPACE, "rollout-steps")
+    kubeconfig.write_text(yaml.safe_dump({**admin, "users": [{"name": "admin", "user": {"token": token}}]}))
     for name, value in {"KUBECONFIG": str(kubeconfig), "ER_HOME": str(tmp_path), "ER_GENERATOR_BACKEND": "kubernetes",
                         "ER_MODEL_BASE": str(model_repo.parent), "ER_STORE": "lance",
-                        "ER_GENERATOR_GRPC": f"127.0.0.1:{model_server.grpc_port}"}.items():
+                        "ER_GENERATOR_GRPC": f"127.0.0.1:{model_server.grpc_port}", "ER_DRAIN_SECONDS": "0"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     settings = Settings()
+    mark = cluster.audit_mark()
     steps.deploy_version(settings, "v1")  # v1 runs already: only registered
-    assert [c.verb for c in cluster.calls if c.verb != "get"] == ["create"]
+    assert writes(cluster, mark) == [("create", "deployments", "embedding-generator-v1", 409)]
     state = steps.deploy_version(settings, "v2", run_id="run-1")
     assert state.versions["v2"].dims == 48
     check_generator_routing(generator_objects(cluster), {"v1", "v2"})
     steps.remove_version(settings, "v2")
+    wait_until(lambda: "embedding-generator-v2" not in generator_deployments(cluster), 30, "v2 deleted")
     check_generator_routing(generator_objects(cluster), {"v1"})
     assert "v2" not in steps.state_file(settings).read().versions

@@ -3,7 +3,7 @@
 - Every manifest under ``k8s/`` and every rendered kustomization (base, overlays, bootstrap)
   validates: Kubernetes objects against the Kubernetes schemas (``kubernetes-validate``, strict, a
   fixed Kubernetes version), Istio objects against the ``openAPIV3Schema`` of their CRD in
-  ``../shared/schemas/istio-crds.yaml`` (``ER_ISTIO_CRDS`` overrides), made strict: an unknown field
+  ``k8s/crds/istio-crds.yaml`` (pinned from Istio; ``ER_ISTIO_CRDS`` overrides), made strict: an unknown field
   is an error, as with ``kubectl apply``'s server-side field validation.
 - The routing holds together: gateway weights sum to 100, one header value per version, and every
   live version has its generator route, DestinationRule subset and Deployment; the generator
@@ -177,7 +177,7 @@ def strict(schema):
 @functools.lru_cache(maxsize=None)
 def istio_schemas() -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) -> strict spec schema, for every served version of every Istio CRD."""
-    path = Path(os.environ.get("ER_ISTIO_CRDS") or REPO.parent / "shared" / "schemas" / "istio-crds.yaml")
+    path = Path(os.environ.get("ER_ISTIO_CRDS") or K8S / "crds" / "istio-crds.yaml")
     if not path.is_file():
         pytest.fail(f"Istio CRD schemas not found at {path} (set ER_ISTIO_CRDS)")
     schemas = {}
@@ -516,10 +516,10 @@ def test_rbac_is_namespaced_and_least_privilege(path):
             assert subject["kind"] == "ServiceAccount" and (subject["namespace"], subject["name"]) in accounts
         bound.add((ns, binding["roleRef"]["name"]))
     assert bound == set(roles), "every Role is bound, once"
-    # The API tokens go only where the API is used.
+    # The API tokens go only where the API is used: the bootstrap and the app (the state ConfigMap).
     for obj in objects:
         spec = pod_spec(obj)
-        if spec and obj["metadata"]["name"] != "bootstrap-v1":
+        if spec and obj["metadata"]["name"] not in ("bootstrap-v1", "embedding-app"):
             assert spec.get("automountServiceAccountToken") is False, obj["metadata"]["name"]
 
 
@@ -646,13 +646,16 @@ def test_compose_runs_the_same_commands_and_ports_as_kubernetes():
     for name in ("app", "bootstrap", "model-init", "airflow"):
         env = services[name]["environment"]
         assert {k for k in env if k.startswith("ER_")} >= set(config), name
-        for key in ("ER_MODEL_NAME", "ER_MODEL_BASE", "ER_SERVING_MODEL_PATH", "ER_HOME", "ER_STATE", "ER_STORE"):
+        for key in ("ER_MODEL_NAME", "ER_MODEL_BASE", "ER_SERVING_MODEL_PATH", "ER_STORE"):
             assert env[key] == config[key], (name, key)
+        # Compose keeps the state in a file on a volume the services share; the cluster in a ConfigMap.
+        assert Path(env["ER_STATE"]).parent == Path(services["app"]["environment"]["ER_HOME"]), name
         assert env["ER_ES_URL"] == "http://elasticsearch:9200"
         assert env["ER_GENERATOR_GRPC"] == "generator:8500"
         assert env["ER_GENERATOR_REST"] == "http://generator:8501"
     mounts = {m for s in ("app", "airflow", "bootstrap") for m in services[s]["volumes"]}
-    assert "rollout-home:" + config["ER_HOME"] in mounts and "models:" + config["ER_MODEL_BASE"] in mounts
+    home = services["app"]["environment"]["ER_HOME"]
+    assert "rollout-home:" + home in mounts and "models:" + config["ER_MODEL_BASE"] in mounts
     assert services["airflow"]["environment"]["ER_APP_URL"] == "http://app:8080"
     assert services["airflow"]["image"].startswith("embedding-rollout-airflow")
 
@@ -848,3 +851,24 @@ def test_gateway_keeps_operator_endpoints_private(gateway):
     for path in ("/metrics", "/deployment", "/rollout/decisions"):
         assert request(path)[0] == 404, path
     assert request("/gateway/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("cookie", ["uid=user-7", "theme=dark; uid=user-7", "a=1;uid=u; b=2", "uid=u;",
+                                    "xuid=user-7", "uid=", "theme=dark", "theme=uid=7", ""])
+def test_the_keyed_gateway_route_matches_what_the_app_reads_as_a_user_key(cookie):
+    """Requests with a user key bypass Istio's per-request weights, so that the app assigns them,
+    sticky. The route's match (RE2 syntax; Python's ``re`` agrees on it) must select exactly the
+    requests in which the app finds a key: a missed key would be split per request again."""
+    from werkzeug.http import parse_cookie
+
+    from serving_app.views import USER_COOKIE, USER_HEADER
+
+    gateway = gateway_virtual_services(raw_base())[0]
+    keyed = next(http for http in gateway["spec"]["http"] if http["name"] == "keyed")
+    assert not weighted_routes({"spec": {"http": [keyed]}})  # the weight operator leaves it alone
+    (route,) = keyed["route"]
+    assert route["headers"]["request"]["remove"] == [VERSION_HEADER]  # the app assigns, not the client
+    by_header, by_cookie = (m["headers"] for m in keyed["match"])
+    assert re.fullmatch(by_header[USER_HEADER]["regex"], "user-7") and not re.fullmatch(by_header[USER_HEADER]["regex"], "")
+    app_reads_a_key = bool(parse_cookie(cookie).get(USER_COOKIE))
+    assert bool(re.fullmatch(by_cookie["cookie"]["regex"], cookie)) == app_reads_a_key, cookie

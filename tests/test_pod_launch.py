@@ -73,15 +73,14 @@ def probe_bundle(tmp_path_factory) -> Path:
     return path
 
 
-@contextmanager
-def fake_cluster(bundle: Path, monkeypatch) -> Iterator[FakeKubernetesAPI]:
-    """The fake API, Airflow's kubernetes_default connection pointing at it through a kubeconfig,
-    and the probe DAG's bundle configured (besides the project's dags folder)."""
-    api = FakeKubernetesAPI().start()
-    kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                  "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
-                  "users": [{"name": "airflow", "user": {"token": "not-a-secret"}}],
-                  "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "airflow"}}]}
+def use_cluster(monkeypatch, bundle: Path, server: str, token: str, ca_file: str | None = None) -> None:
+    """Airflow's kubernetes_default connection pointing at ``server`` through a kubeconfig, and the
+    probe DAG's bundle configured (besides the project's dags folder)."""
+    cluster = {"server": server, **({"certificate-authority": ca_file} if ca_file else {})}
+    kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "test",
+                  "clusters": [{"name": "test", "cluster": cluster}],
+                  "users": [{"name": "airflow", "user": {"token": token}}],
+                  "contexts": [{"name": "test", "context": {"cluster": "test", "user": "airflow"}}]}
     monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps(
         {"conn_type": "kubernetes", "extra": {"in_cluster": False, "kube_config": kubeconfig}}))
     monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps([
@@ -90,6 +89,25 @@ def fake_cluster(bundle: Path, monkeypatch) -> Iterator[FakeKubernetesAPI]:
         {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle", "kwargs": {}}]))
     monkeypatch.setenv("ER_IMAGE", IMAGE)
     monkeypatch.delenv("KUBECONFIG", raising=False)
+
+
+def run_probe(bundle: Path, version: str, **dates):
+    """One dag.test() run of the probe DAG (a fresh DAG object per run: dag.test() keeps the conf);
+    its task instance."""
+    from airflow.dag_processing.dagbag import DagBag
+    bag = DagBag(dag_folder=str(bundle))
+    assert bag.import_errors == {}
+    dag_run = bag.get_dag(DAG_ID).test(run_conf={"version": version}, **dates)
+    (ti,) = dag_run.get_task_instances()
+    return ti
+
+
+@contextmanager
+def fake_cluster(bundle: Path, monkeypatch) -> Iterator[FakeKubernetesAPI]:
+    """The imitation of the API (it runs the pod's "container" and serves its log), with Airflow's
+    connection pointing at it."""
+    api = FakeKubernetesAPI().start()
+    use_cluster(monkeypatch, bundle, api.url, "not-a-secret")
     try:
         yield api
     finally:
@@ -100,7 +118,6 @@ def launcher(api: FakeKubernetesAPI, bundle: Path) -> Callable[..., Launch]:
     """Runs the probe DAG for a version; its step pod writes a few unique lines and exits 0, or
     FAILING_EXIT_CODE for FAILING_VERSION."""
     import structlog.testing
-    from airflow.dag_processing.dagbag import DagBag
 
     def run(version: str, *, run_after: datetime.datetime | None = None,
             before: Callable[[], None] | None = None) -> Launch:
@@ -118,12 +135,9 @@ def launcher(api: FakeKubernetesAPI, bundle: Path) -> Callable[..., Launch]:
         if before:
             before()
         first = len(api.calls)
-        bag = DagBag(dag_folder=str(bundle))  # a fresh DAG object per run: dag.test() keeps the conf
-        assert bag.import_errors == {}
         dates = {"run_after": run_after, "logical_date": run_after} if run_after else {}
         with structlog.testing.capture_logs() as events:
-            dag_run = bag.get_dag(DAG_ID).test(run_conf={"version": version}, **dates)
-        (ti,) = dag_run.get_task_instances()
+            ti = run_probe(bundle, version, **dates)
         return Launch(ti.state, api.calls[first:], created, [str(e.get("event")) for e in events], lines)
 
     return run
@@ -162,7 +176,7 @@ def pod_launcher_calls(airflow_db, tmp_path_factory, monkeypatch) -> list[Call]:
 def test_the_operator_creates_the_step_pod_in_the_embeddings_namespace(launch, bundle):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    assert type(DagBag(dag_folder=str(bundle)).get_dag(DAG_ID).get_task(TASK_ID)) is KubernetesPodOperator
+    assert issubclass(type(DagBag(dag_folder=str(bundle)).get_dag(DAG_ID).get_task(TASK_ID)), KubernetesPodOperator)
     run = launch("v2")
     assert run.state == "success", run.log
     assert [c.namespace for c in run.calls if c.verb == "create"] == [NAMESPACE]
@@ -175,10 +189,10 @@ def test_the_operator_creates_the_step_pod_in_the_embeddings_namespace(launch, b
     assert container["args"] == ["deploy", "--version", "v2"]  # rendered by Airflow from the params
     assert spec["serviceAccountName"] == "rollout-steps"
     assert spec["restartPolicy"] == "Never"  # else a failed step would be restarted, not reported
+    # the models are the only shared volume: state, checkpoints and decisions live in a ConfigMap
     assert {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]} == {
-        "rollout-home": "rollout-home", "embedding-models": "embedding-models"}
-    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]} == {
-        "rollout-home": "/var/lib/embedding-rollout", "embedding-models": "/models"}
+        "embedding-models": "embedding-models"}
+    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]} == {"embedding-models": "/models"}
     labels = pod["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "rollout-step"
     assert (labels["dag_id"], labels["task_id"], labels["try_number"]) == (DAG_ID, TASK_ID, "1")

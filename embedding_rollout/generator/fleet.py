@@ -49,9 +49,12 @@ def model_server_admin(settings: Settings):
 def generator_fleet(settings: Settings) -> GeneratorFleet:
     if settings.generator_backend == "kubernetes":
         from .kubernetes import KubernetesFleet
-        admin = model_server_admin(settings)
+        # The admin client (TF Serving's protos, hence TensorFlow) only when a deploy confirms:
+        # a step that removes a version starts without that import.
         return KubernetesFleet(settings.k8s_namespace, settings.generator_template,
-                               confirm=lambda version: admin.wait_available(parse_version(version)))
+                               confirm=lambda version: model_server_admin(settings).wait_available(
+                                   parse_version(version)),
+                               timeout=settings.generator_deploy_timeout)
     if settings.generator_backend == "model-server":
         return ModelServerFleet(model_server_admin(settings))
     raise ValueError(f"ER_GENERATOR_BACKEND must be 'model-server' or 'kubernetes', got {settings.generator_backend!r}")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Protocol
 
 from ..corpus import Document, load_documents
 from ..store.base import BulkResult, StoredDocument, VectorStore
@@ -39,20 +39,30 @@ class Checkpoint:
     done: bool = False
 
     @classmethod
-    def load(cls, path: Path | None, index: str) -> "Checkpoint":
-        if path and path.exists():
-            data = json.loads(path.read_text())
+    def load(cls, slot: "Slot | Path | None", index: str) -> "Checkpoint":
+        text = as_slot(slot).read() if slot else None
+        if text:
+            data = json.loads(text)
             if data.get("index") == index and "last_id" in data:  # an older format starts over
                 return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         return cls(index)
 
-    def save(self, path: Path | None) -> None:
-        if not path:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, path)
+    def save(self, slot: "Slot | Path | None") -> None:
+        if slot:
+            as_slot(slot).write(json.dumps(asdict(self)), final=self.done)
+
+
+class Slot(Protocol):
+    """Where a checkpoint is kept (``statestore.records``: a file, or a key of a ConfigMap)."""
+
+    def read(self) -> str | None: ...
+
+    def write(self, text: str, final: bool = False) -> None: ...
+
+
+def as_slot(slot: "Slot | Path") -> Slot:
+    from ..statestore.records import FileSlot
+    return FileSlot(slot) if isinstance(slot, (str, Path)) else slot
 
 
 @dataclass
@@ -118,10 +128,11 @@ KeysetSource = Callable[[str | None], Iterable[StoredDocument]]
 
 
 def load_index(source: KeysetSource, store: VectorStore, index: str, embed: Embedder, *,
-               total: int | None = None, batch_size: int = 256, checkpoint_path: Path | None = None,
+               total: int | None = None, batch_size: int = 256, checkpoint_path: Slot | Path | None = None,
                label: str = "backfill") -> Checkpoint:
     """Embed and bulk-write every source document into ``index``, resuming after the checkpoint's
     last id."""
+    checkpoint_path = as_slot(checkpoint_path) if checkpoint_path else None  # one slot: its writes are paced
     checkpoint = Checkpoint.load(checkpoint_path, index)
     if checkpoint.done:
         store.end_bulk_load(index)  # the process may have died between saving "done" and this

@@ -49,8 +49,10 @@ def begin_rollout_task(strategy: str):
 
 
 def _failed_tasks(ti) -> list[str]:
+    """The tasks that failed; only when none did, those that could not run because of one."""
     states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
-    return sorted(task_id for task_id, state in states.items() if state in ("failed", "upstream_failed"))
+    failed = sorted(task_id for task_id, state in states.items() if state == "failed")
+    return failed or sorted(task_id for task_id, state in states.items() if state == "upstream_failed")
 
 
 @task(retries=2, retry_delay=timedelta(seconds=15), doc_md="Teardown: runs however the run ended (a failed task, a person marking the run failed). "

@@ -10,10 +10,10 @@ from airflow.sdk import BaseHook
 
 from embedding_rollout.config import Settings
 from embedding_rollout.domain.rollout import RolloutError
-from embedding_rollout.domain.state import DeploymentState, StateError, StateFile
+from embedding_rollout.domain.state import DeploymentState, StateError
 from embedding_rollout.model.repository import ModelNotFound, catalogue, find
 from embedding_rollout.pipeline.indexing import Checkpoint
-from embedding_rollout.steps import checkpoint_path
+from embedding_rollout.statestore import checkpoint_slot, open_state
 
 
 class DeploymentStateError(RuntimeError):
@@ -26,7 +26,7 @@ class LocalDeploymentHook(BaseHook):
     def __init__(self, settings: Settings | None = None):
         super().__init__()
         self.settings = settings or Settings()
-        self.file = StateFile(self.settings.state_path)
+        self.file = open_state(self.settings)
 
     def state(self) -> DeploymentState:
         return self.file.read()
@@ -48,7 +48,7 @@ class LocalDeploymentHook(BaseHook):
 
     def checkpoint(self, version: str, source: str) -> Checkpoint:
         index = self.state().spec(version).index
-        return Checkpoint.load(checkpoint_path(self.settings, version, source), index)
+        return Checkpoint.load(checkpoint_slot(self.settings, version, source, state=self.file), index)
 
     def models(self) -> list[dict]:
         return catalogue(self.settings.model_dir)

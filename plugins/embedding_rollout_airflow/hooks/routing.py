@@ -127,9 +127,12 @@ class IstioVirtualServiceHook(BaseHook):
 
     def set_weights(self, weights: dict[str, int], precondition=None) -> dict[str, int]:
         """``precondition()`` is called after each read, before the patch; it raises to stop the
-        change (the patch's resourceVersion test then makes a change made meanwhile win)."""
+        change (the patch's resourceVersion test then makes a change made meanwhile win).
+
+        A version at 0 % gets no destination at all: a 0 % route sends nothing, and kept it would
+        outlive the version's removal and name a version the app no longer knows."""
         from kubernetes.client.exceptions import ApiException
-        weights = validate_weights(weights)
+        weights = {version: weight for version, weight in validate_weights(weights).items() if weight > 0}
         for attempt in range(1, self.attempts + 1):
             current = self.get()
             if weights_of(current) == weights:
@@ -143,16 +146,21 @@ class IstioVirtualServiceHook(BaseHook):
                                                         _content_type="application/json-patch+json")
             except ApiException as exc:
                 # 409 Conflict / 422 failed test op: someone changed it since we read it; read again.
-                if exc.status in (409, 422) and attempt < self.attempts:
-                    log.warning("VirtualService %s changed concurrently (%s); retrying", self.name, exc.status)
-                    time.sleep(0.1 * attempt)
-                    continue
-                raise
+                # (The API server's 422 for a failed test says no more than "an error in our request".)
+                if exc.status not in (409, 422):
+                    raise
+                if attempt == self.attempts:
+                    raise WeightsNotConfirmed(
+                        f"VirtualService {self.name} was changed by another writer during each of {self.attempts} "
+                        f"attempts (last answer {exc.status}); its weights stay {weights_of(self.get())}") from exc
+                log.warning("VirtualService %s changed concurrently (%s); retrying", self.name, exc.status)
+                time.sleep(0.1 * attempt)
+                continue
             confirmed = weights_of(self.get())
             if confirmed != weights:
                 raise WeightsNotConfirmed(f"VirtualService {self.name} has {confirmed} after setting {weights}")
             return confirmed
-        raise WeightsNotConfirmed(f"VirtualService {self.name}: gave up after {self.attempts} conflicts")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 class MeshRouterHook(BaseHook):
@@ -174,7 +182,10 @@ class MeshRouterHook(BaseHook):
         guard is checked again after Istio's VirtualService is read, right before it is patched."""
         from .deployment import DeploymentStateError
         weights = validate_weights(weights)
-        leaving = {version: 0 for version in self.istio.weights() if version not in weights}
+        live = set(self.app.state().live_versions)
+        # Versions Istio routes now stay live in the app until Istio stops routing them; a version
+        # the app no longer serves (removed) has nothing to keep: Istio just drops its destination.
+        leaving = {version: 0 for version in self.istio.weights() if version not in weights and version in live}
 
         def still_allowed() -> None:
             rollout = self.app.state().rollout
@@ -188,8 +199,8 @@ class MeshRouterHook(BaseHook):
 
         try:
             self.app.set_weights({**leaving, **weights}, run_id, step)
-            confirmed = self.istio.set_weights(weights, precondition=still_allowed)
-            self.app.set_weights(weights, run_id, step)
+            self.istio.set_weights(weights, precondition=still_allowed)
+            confirmed = dict(self.app.set_weights(weights, run_id, step).weights)
         except DeploymentStateError as exc:
             if exc.status == 409:
                 raise WeightsRefused(str(exc)) from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from functools import cached_property
+from functools import cache, cached_property
 
 from airflow.providers.standard.hooks.subprocess import SubprocessHook
 from airflow.sdk import BaseOperator
@@ -41,15 +41,36 @@ class LocalStepOperator(BaseOperator):
         self.subprocess_hook.send_sigterm()
 
 
-# The claims k8s/base/foundation defines: deployment state and checkpoints, and the model repository.
-STEP_VOLUMES = {"rollout-home": "/var/lib/embedding-rollout", "embedding-models": "/models"}
+# The claim k8s/base/foundation defines for the model repository (the deployment state, the
+# checkpoints and the decisions are in a ConfigMap: no volume).
+STEP_VOLUMES = {"embedding-models": "/models"}
+
+
+@cache
+def step_pod_operator_class():
+    """KubernetesPodOperator for step commands, under DAGs that render templates as native objects.
+
+    There a setting such as ``ER_DRAIN_SECONDS=1`` renders to the number 1, and the API server
+    refuses the pod ("cannot unmarshal number into ... EnvVar.value"). The step env is the worker's
+    own settings, never a template, so it is not rendered; the rendered arguments become strings."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    class StepPodOperator(KubernetesPodOperator):
+        template_fields: Sequence[str] = tuple(f for f in KubernetesPodOperator.template_fields if f != "env_vars")
+
+        # Where the provider itself hooks rendering: a mapped task never calls render_template_fields.
+        def _do_render_template_fields(self, parent, template_fields, context, jinja_env, seen_oids) -> None:
+            super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+            if parent is self:
+                self.arguments = [str(argument) for argument in self.arguments or []]
+
+    return StepPodOperator
 
 
 def pod_operator(task_id: str, arguments: list[str], runtime: Runtime, **kwargs):
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
-    return KubernetesPodOperator(
+    return step_pod_operator_class()(
         task_id=task_id,
         name=f"rollout-{task_id.replace('_', '-')}",
         namespace=runtime.namespace,
