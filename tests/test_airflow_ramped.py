@@ -112,11 +112,11 @@ def test_a_failing_promote_rolls_back(live):
 
 def test_marking_the_run_failed_mid_ramp_rolls_back_and_stops_the_ramp(live):
     current, new = live.versions()
-    # 25 s a step: the mark (a PATCH to a busy API server) must land before the ramp's last two steps end.
-    conf = {"new_version": new, "step_percent": 25, "step_interval_seconds": 25, "min_requests": 3}
+    # Ten steps of 25 s: the mark (a PATCH to a busy API server) lands with minutes of ramp to spare.
+    conf = {"new_version": new, "step_percent": 10, "step_interval_seconds": 25, "min_requests": 3}
     with live.traffic() as record:
         run_id = live.trigger(DAG, conf)
-        live.wait_for(lambda: live.state().weights.get(new) == 50, what=f"{new} at 50 %")
+        live.wait_for(lambda: live.state().weights.get(new) == 20, what=f"{new} at 20 %")
         live.api.mark_failed(DAG, run_id)  # what "Mark run as failed" in the UI does
         run = live.wait(DAG, run_id)
     assert run["state"] == "failed"
@@ -127,7 +127,7 @@ def test_marking_the_run_failed_mid_ramp_rolls_back_and_stops_the_ramp(live):
     # No weight changed after the rollback sent the traffic back: the ramp never raised it again.
     back = next(i for i, w in enumerate(record.weights_seen) if w == {current: 100} and i > 0)
     assert all(new not in w for w in record.weights_seen[back:]), record.weights_seen
-    assert max(w.get(new, 0) for w in record.weights_seen) == 50
+    assert 20 <= max(w.get(new, 0) for w in record.weights_seen) < 100
 
 
 def test_one_rollout_at_a_time(live):
