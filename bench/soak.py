@@ -68,6 +68,7 @@ def measure(run: dict, tis: list[dict], steps: int, interval: int, record, failu
 
 def soak(rollouts: int, step_percent: int, interval: int, home: Path) -> dict:
     from embedding_rollout.airflow_stack import AirflowStack, free_port
+    from embedding_rollout.auth import token_for
     from embedding_rollout.config import Settings
     from embedding_rollout.loadgen import Traffic
     from embedding_rollout.local_stack import LocalStack
@@ -84,7 +85,8 @@ def soak(rollouts: int, step_percent: int, interval: int, home: Path) -> dict:
     env = {"ER_HOME": str(home), "ER_STORE": "lance", "ER_GENERATOR_GRPC": stack.grpc_address,
            "ER_GENERATOR_REST": stack.rest_url, "ER_APP_URL": stack.app_url, "ER_AIRFLOW_RUNTIME": "local",
            "ER_RETRAIN_SCHEDULE": "none"}
-    airflow = AirflowStack(home / "airflow", port=ports[3], parallelism=4, env=env)
+    airflow = AirflowStack(home / "airflow", port=ports[3], parallelism=4, env=env, app_url=stack.app_url,
+                           app_token=token_for(settings.tokens_path, "operator"))
     results, started = [], time.monotonic()
     try:
         airflow.start()

@@ -51,6 +51,10 @@ class AirflowStack:
     host: str = "127.0.0.1"
     parallelism: int = 4
     env: dict[str, str] = field(default_factory=dict)  # more settings for every component (ER_* ...)
+    # The app the DAGs call, and the token (rollout:operate) they call it with: given to every
+    # component as the Connection embedding_rollout_app, as a user would define it.
+    app_url: str | None = None
+    app_token: str | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
     @property
@@ -88,8 +92,15 @@ class AirflowStack:
             # default) only takes CPU from the tasks.
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "300",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            **self.app_connection(),
             **self.env,
         }
+
+    def app_connection(self) -> dict[str, str]:
+        if not self.app_url:
+            return {}
+        connection = {"conn_type": "http", "host": self.app_url, **({"password": self.app_token} if self.app_token else {})}
+        return {"AIRFLOW_CONN_EMBEDDING_ROLLOUT_APP": json.dumps(connection)}
 
     def _secret(self, name: str) -> str:
         path = self.home / name

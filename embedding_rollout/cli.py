@@ -109,11 +109,17 @@ def serve(settings: Settings, versions, host, rest_port, grpc_port):
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--apis", default=None, help="Which APIs to serve: public, operator or both (default: "
+                                          "ER_APP_APIS, else both); probes and /metrics always.")
 @click.pass_obj
-def app(settings: Settings, host, port):
+def app(settings: Settings, host, port, apis):
     """Run the search application (Flask + Connexion under uvicorn)."""
+    import dataclasses
+
     import uvicorn
     from serving_app import create_app
+    if apis:
+        settings = dataclasses.replace(settings, apis=apis)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 
@@ -130,6 +136,8 @@ def up(settings: Settings, host, port, rest_port, grpc_port):
     stack.start()
     click.echo(f"app on {stack.app_url} (Swagger UI: {stack.app_url}/ui/), model server REST "
                f"{stack.rest_url} gRPC {stack.grpc_address}; Ctrl-C stops")
+    click.echo(f"tokens {'created in' if stack.tokens_created else 'in'} {settings.tokens_path} (mode 0600); "
+               "one for a call: embedding-rollout tokens show writer|operator|feedback|search")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -152,6 +160,47 @@ def demo(settings: Settings, step_percent, interval, port, airflow_port, fast, k
     with live traffic; prints the Airflow UI's address and login to watch it."""
     from .demo import run_demo
     sys.exit(0 if run_demo(settings, step_percent, interval, port, airflow_port, verbose, fast, keep_running) else 1)
+
+
+# -- tokens ----------------------------------------------------------------------------------
+@main.group()
+def tokens():
+    """The app's static bearer tokens (ER_TOKENS, default $ER_HOME/tokens.json, mode 0600)."""
+
+
+@tokens.command("init")
+@click.pass_obj
+def tokens_init(settings: Settings):
+    """Create the token file with one token per kind of caller, unless it exists."""
+    from .auth import ensure_tokens_file
+    created = ensure_tokens_file(settings.tokens_path)
+    click.echo(f"{'created' if created else 'kept'} {settings.tokens_path}")
+
+
+@tokens.command("show")
+@click.argument("name")
+@click.pass_obj
+def tokens_show(settings: Settings, name):
+    """Print NAME's token (for a curl: -H "Authorization: Bearer $(embedding-rollout tokens show writer)")."""
+    from .auth import InvalidTokenFile, token_for
+    try:
+        click.echo(token_for(settings.tokens_path, name))
+    except InvalidTokenFile as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(["search", "documents:write", "feedback:write", "rollout:operate"]))
+@click.pass_obj
+def tokens_create(settings: Settings, name, scopes):
+    """Create NAME's token, or replace it (the old one stops working at once); prints the token."""
+    from .auth import InvalidTokenFile, add_token
+    try:
+        click.echo(add_token(settings.tokens_path, name, scopes))
+    except InvalidTokenFile as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 # -- generator -------------------------------------------------------------------------------

@@ -34,6 +34,20 @@ class Settings:
     # file: the state file under ER_HOME; kubernetes: a ConfigMap in ER_K8S_NAMESPACE.
     state_backend: str = field(default_factory=lambda: _env("ER_STATE_BACKEND", "file"))
     state_configmap: str = field(default_factory=lambda: _env("ER_STATE_CONFIGMAP", "embedding-rollout-state"))
+    # Who may call what (embedding_rollout.auth): `search` public or needing a token; JWTs from an
+    # issuer when its JWKS URL is set (the cluster); static tokens from the token file otherwise too.
+    search_auth: str = field(default_factory=lambda: _env("ER_SEARCH_AUTH", "public"))  # public | token
+    jwt_issuer: str = field(default_factory=lambda: _env("ER_JWT_ISSUER", ""))
+    jwt_jwks_url: str = field(default_factory=lambda: _env("ER_JWT_JWKS_URL", ""))
+    jwt_audience: str = field(default_factory=lambda: _env("ER_JWT_AUDIENCE", "embedding-rollout"))
+    jwt_subject_scopes: str = field(default_factory=lambda: _env("ER_JWT_SUBJECT_SCOPES", ""))
+    jwt_ca_file: str = field(default_factory=lambda: _env("ER_JWT_CA_FILE", ""))
+    jwt_jwks_token_file: str = field(default_factory=lambda: _env("ER_JWT_JWKS_TOKEN_FILE", ""))
+    # Feedback references: their signing key (else the token file's) and how long they are valid.
+    feedback_key: str = field(default_factory=lambda: _env("ER_FEEDBACK_KEY", ""))
+    feedback_ttl: float = field(default_factory=lambda: float(_env("ER_FEEDBACK_TTL", "3600")))
+    # Which APIs this app process serves: public (search, documents, feedback) and operator.
+    apis: str = field(default_factory=lambda: _env("ER_APP_APIS", "public,operator"))
     generator_template: Path = field(default_factory=lambda: Path(_env("ER_GENERATOR_TEMPLATE", str(
         Path(__file__).resolve().parent.parent / "k8s" / "generator-version-template"))))
 
@@ -66,6 +80,16 @@ class Settings:
     def decisions_path(self) -> Path:
         """A/B rollout decisions received by the app (JSON lines)."""
         return Path(_env("ER_DECISIONS", str(self.home / "decisions.jsonl")))
+
+    @property
+    def tokens_path(self) -> Path:
+        """The static tokens (mode 0600): one per caller, with its scopes; the feedback key."""
+        return Path(_env("ER_TOKENS", str(self.home / "tokens.json")))
+
+    @property
+    def feedback_ledger_path(self) -> Path:
+        """Which feedback references were counted (SQLite; the Elasticsearch store keeps an index)."""
+        return Path(_env("ER_FEEDBACK_LEDGER", str(self.home / "feedback.sqlite")))
 
     @property
     def lance_uri(self) -> str:

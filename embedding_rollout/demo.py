@@ -121,7 +121,10 @@ def _in_process(conf: dict):
 
 def _through_the_scheduler(settings: Settings, port: int, env: dict, conf: dict):
     from .airflow_stack import AirflowStack
-    airflow = AirflowStack(settings.home / "airflow", port=port, env=env)
+    from .auth import token_for
+    # The DAGs call the app through their Airflow Connection, with the operator's token.
+    airflow = AirflowStack(settings.home / "airflow", port=port, env=env, app_url=env["ER_APP_URL"],
+                           app_token=token_for(settings.tokens_path, "operator"))
     console.print(f"starting Airflow (api-server, scheduler, dag-processor, triggerer) on {airflow.url} ...")
     airflow.start()
     api = airflow.api()

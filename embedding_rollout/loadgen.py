@@ -49,12 +49,22 @@ class TrafficRecord:
                 if not set(seen) <= order.keys() or any(order[b] < order[a] for a, b in zip(seen, seen[1:]))}
 
 
+def _writer_token() -> str | None:
+    from .auth import InvalidTokenFile, token_for
+    from .config import Settings
+    try:
+        return token_for(Settings().tokens_path, "writer")
+    except InvalidTokenFile:
+        return None
+
+
 class Traffic:
     """Context manager: searches (sticky by user) and, every fifth request, a write or a delete."""
 
     def __init__(self, app_url: str, read_weights, seed: int = 3, on_weights=None, pause: float = 0.01,
-                 version: str | None = None):
-        """``version``: every search asks for it (``x-model-version``), whatever the weights."""
+                 version: str | None = None, token: str | None = None):
+        """``version``: every search asks for it (``x-model-version``), whatever the weights.
+        ``token``: the writes' bearer token (default: the token file's ``writer``)."""
         self.app_url, self.read_weights, self.on_weights = app_url, read_weights, on_weights
         self.version = version
         # Document versions in microseconds since the epoch, as the app's own; ids unique per session.
@@ -63,6 +73,9 @@ class Traffic:
         self.record, self._stop = TrafficRecord(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
         self.session = requests.Session()
+        token = token or _writer_token()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def __enter__(self) -> TrafficRecord:
         self._thread.start()

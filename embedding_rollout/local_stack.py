@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from .auth import ensure_tokens_file
 from .config import Settings
 from .domain.versions import parse_version
 from .generator.models import ModelManager, available_versions
@@ -27,9 +28,11 @@ class LocalStack:
                                             generator_rest=f"http://{host}:{rest_port}")
         self.model_server: ModelServer | None = None
         self.app_server = None
+        self.tokens_created = False
 
     def start(self) -> "LocalStack":
         settings = self.settings
+        self.tokens_created = ensure_tokens_file(settings.tokens_path)  # before anything can be called
         if parse_version(FIRST_VERSION) not in available_versions(settings.model_dir):
             log.info("no model yet: training %s", FIRST_VERSION)
             train_version(settings.model_dir, parse_version(FIRST_VERSION),

@@ -8,15 +8,22 @@ from pathlib import Path
 
 import connexion
 import uvicorn
+import yaml
 from connexion.middleware import MiddlewarePosition
 
+from embedding_rollout.auth import feedback_key, verifier_from_settings
 from embedding_rollout.config import Settings
+from embedding_rollout.feedback import FeedbackReferences, open_ledger
 from embedding_rollout.service import EmbeddingService
 from embedding_rollout.statestore import ConfigMapDecisionLog, DecisionLog, open_decisions, open_state
 from embedding_rollout.store import open_store
 
 from .guards import RequestBodyGuard
 from .metrics import AppMetrics
+from .security import security_map
+
+HERE = Path(__file__).parent
+APIS = {"public": "openapi.yaml", "operator": "operator.yaml"}
 
 
 @dataclass
@@ -25,6 +32,34 @@ class AppContext:
     metrics: AppMetrics
     decisions: DecisionLog | ConfigMapDecisionLog
     settings: Settings
+    references: FeedbackReferences
+    ledger: object  # feedback.SqliteLedger | feedback.ElasticsearchLedger
+
+
+def specification(settings: Settings) -> dict:
+    """The served OpenAPI document: the public API (openapi.yaml, which holds the shared
+    components) and the operator API (operator.yaml), as ``ER_APP_APIS`` selects; ``/search``
+    without security when ``ER_SEARCH_AUTH=public``."""
+    chosen = [name.strip() for name in settings.apis.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - APIS.keys())
+    if unknown or not chosen:
+        raise ValueError(f"ER_APP_APIS: expected a comma-separated subset of {sorted(APIS)}, got {settings.apis!r}")
+    if settings.search_auth not in ("public", "token"):
+        raise ValueError(f"ER_SEARCH_AUTH must be 'public' or 'token', got {settings.search_auth!r}")
+    spec = yaml.safe_load((HERE / APIS["public"]).read_text())
+    operator = yaml.safe_load((HERE / APIS["operator"]).read_text())
+    spec["components"]["schemas"].update(operator["components"]["schemas"])
+    public_paths = spec["paths"]
+    spec["paths"] = {}
+    if "public" in chosen:
+        spec["paths"].update(public_paths)
+    else:  # probes and metrics are served by every process
+        spec["paths"].update({p: public_paths[p] for p in ("/healthz", "/readyz", "/metrics")})
+    if "operator" in chosen:
+        spec["paths"].update(operator["paths"])
+    if settings.search_auth == "public" and "/search" in spec["paths"]:
+        spec["paths"]["/search"]["post"]["security"] = []
+    return spec
 
 
 def create_app(settings: Settings | None = None, service: EmbeddingService | None = None,
@@ -35,10 +70,12 @@ def create_app(settings: Settings | None = None, service: EmbeddingService | Non
         service = EmbeddingService(open_state(settings, watch=True), open_store(settings),
                                    protocol=settings.generator_protocol, timeout=settings.generator_timeout)
     decisions = decisions or open_decisions(settings, state=service.state_file)
-    app = connexion.FlaskApp(__name__, specification_dir=str(Path(__file__).parent))
-    app.add_api("openapi.yaml", strict_validation=True, validate_responses=False)
+    app = connexion.FlaskApp(__name__, specification_dir=str(HERE), security_map=security_map(verifier_from_settings(settings)))
+    app.add_api(specification(settings), strict_validation=True, validate_responses=False)
     app.add_middleware(RequestBodyGuard, position=MiddlewarePosition.BEFORE_EXCEPTION)
-    app.app.extensions["embedding_rollout"] = AppContext(service, AppMetrics(), decisions, settings)
+    references = FeedbackReferences(feedback_key(settings), settings.feedback_ttl)
+    app.app.extensions["embedding_rollout"] = AppContext(service, AppMetrics(), decisions, settings, references,
+                                                         open_ledger(settings, service.store))
     return app
 
 

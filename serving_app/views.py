@@ -12,6 +12,7 @@ from flask import Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from embedding_rollout.domain.decisions import InvalidDecision
+from embedding_rollout.feedback import AlreadyCounted, InvalidReference
 from embedding_rollout.domain.rollout import RolloutError
 from embedding_rollout.domain.state import StateError
 from embedding_rollout.domain.traffic import InvalidWeights
@@ -21,6 +22,8 @@ from embedding_rollout.service import serving_versions
 from embedding_rollout.statestore import checkpoint_slot
 from embedding_rollout.generator.client import VERSION_HEADER, GeneratorError, GeneratorUnavailable
 from embedding_rollout.store.base import Filters, IndexNotFound, InvalidDocument, InvalidFilter, StoreUnavailable
+
+from .security import caller
 
 log = logging.getLogger(__name__)
 USER_HEADER, USER_COOKIE = "x-user-id", "uid"
@@ -86,6 +89,7 @@ def search(labels: dict, body: dict):
         ctx.metrics.fallbacks.labels(from_version=result.fallback_from, to_version=result.model_version).inc()
         labels["model_version"] = result.model_version
     payload = {"model_version": result.model_version,
+               "feedback_ref": ctx.references.issue(result.model_version, user_key),
                "results": [{"id": h.id, "score": round(h.score, 6), "fields": dict(h.fields)} for h in result.hits]}
     # Server-Timing (W3C): where the time went, readable in browsers' dev tools and benchmarks.
     timing = ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in result.timings.items())
@@ -112,27 +116,39 @@ def delete_document(labels: dict, doc_id: str, version: int | None = None):
 
 def feedback(body: dict):
     ctx = _ctx()
-    version = body["model_version"]
-    if version not in ctx.service.state().versions:
-        return problem(400, "Bad Request", f"model version {version} is not deployed")
-    ctx.metrics.feedback.labels(model_version=version, clicked=str(body["clicked"]).lower()).inc()
+    try:
+        reference = ctx.references.verify(body["ref"])
+    except InvalidReference as exc:
+        return problem(400, "Bad Request", str(exc))
+    if reference.version not in ctx.service.state().versions:
+        return problem(409, "Conflict", f"model version {reference.version}, which served that search, "
+                                        "is no longer deployed")
+    try:
+        ctx.ledger.count_once(reference)
+    except AlreadyCounted as exc:
+        return problem(409, "Conflict", str(exc))
+    except Exception as exc:  # the ledger's store: say so, and the client may send it again
+        log.warning("feedback not counted, its ledger failed: %s", exc)
+        return problem(503, "Ledger Unavailable", f"feedback not counted: {type(exc).__name__}", {"Retry-After": "1"})
+    ctx.metrics.feedback.labels(model_version=reference.version, clicked=str(body["clicked"]).lower()).inc()
     return None, 204
 
 
 def list_decisions(new_version: str | None = None):
-    return [asdict(d) for d in _ctx().decisions.read(new_version)], 200
+    return [asdict(d) for d in _ctx().decisions.read(new_version)], 200, JSON
 
 
 def post_decision(body: dict):
+    by = body.get("by") or (caller().name if caller() else "")  # who sent it, unless they say on whose behalf
     try:
-        decision = _ctx().decisions.append(body["new_version"], body["action"], body.get("weight"), body.get("by", ""))
+        decision = _ctx().decisions.append(body["new_version"], body["action"], body.get("weight"), by)
     except InvalidDecision as exc:
         return problem(400, "Bad Request", str(exc))
     return asdict(decision), 201, JSON
 
 
 def deployment():
-    return _ctx().service.state().to_json(), 200
+    return _ctx().service.state().to_json(), 200, JSON
 
 
 def set_weights(body: dict):
@@ -173,7 +189,7 @@ def backfill_checkpoint(version: str, source: str):
 
 
 def list_models():
-    return catalogue(_ctx().settings.model_dir), 200
+    return catalogue(_ctx().settings.model_dir), 200, JSON
 
 
 def get_model(version: str, artifact: str | None = None):

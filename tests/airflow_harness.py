@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from conftest import TOKENS
 from embedding_rollout.airflow_stack import AirflowApi, AirflowStack
+from embedding_rollout.auth import token_for
 from embedding_rollout.domain.versions import parse_version
 from embedding_rollout.store import open_store
 from rollout_harness import LocalDeployment, check_version_consistency, traffic
@@ -97,8 +99,13 @@ def start_live_airflow(home, model_repo, monkeypatch, port: int) -> LiveAirflow:
     monkeypatch.setenv("ER_GENERATOR_TIMEOUT", "10")
     deployment = LocalDeployment(home / "home", model_repo, monkeypatch)
     # No weekly retrain: unpausing a scheduled DAG would start its latest missed interval at once.
-    airflow = AirflowStack(home / "airflow", port=port, parallelism=4,
-                           env={**deployment.env, "ER_RETRAIN_SCHEDULE": "none", "ER_DRAIN_SECONDS": "1"})
+    # The DAGs find the app and its token in their Airflow Connection only: no ER_APP_URL, and a
+    # token file that does not exist, so a hook that ignored the Connection would be refused.
+    env = {k: v for k, v in deployment.env.items() if k != "ER_APP_URL"}
+    airflow = AirflowStack(home / "airflow", port=port, parallelism=4, app_url=deployment.app.url,
+                           app_token=token_for(TOKENS, "operator"),
+                           env={**env, "ER_RETRAIN_SCHEDULE": "none", "ER_DRAIN_SECONDS": "1",
+                                "ER_APP_URL": "http://127.0.0.1:9", "ER_TOKENS": str(home / "no-tokens.json")})
     try:
         airflow.start()
         api = airflow.api()

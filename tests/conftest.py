@@ -25,12 +25,29 @@ os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 
+from embedding_rollout import auth  # noqa: E402
 from embedding_rollout.domain.state import StateFile, VersionSpec  # noqa: E402
 from embedding_rollout.generator.client import GeneratorTarget, generator_client  # noqa: E402
 from embedding_rollout.generator.models import ModelManager  # noqa: E402
 from embedding_rollout.generator.server import ModelServer  # noqa: E402
 from embedding_rollout.model.trainer import TrainConfig  # noqa: E402
 from embedding_rollout.model.training import train_version  # noqa: E402
+
+# The token file of every app the tests start (scripts/test.sh gives each run one; a worker keeps
+# its controller's): the default callers and one holding every scope. Headers for requests:
+if not os.environ.get("ER_TOKENS"):
+    os.environ["ER_TOKENS"] = str(Path(tempfile.mkdtemp(prefix="er-tokens-")) / "tokens.json")
+if auth.ensure_tokens_file(Path(os.environ["ER_TOKENS"])):
+    auth.add_token(Path(os.environ["ER_TOKENS"]), "all-scopes", auth.SCOPES)
+TOKENS = Path(os.environ["ER_TOKENS"])
+os.environ.setdefault("ER_FEEDBACK_LEDGER", str(TOKENS.parent / "feedback.sqlite"))  # not under the cwd
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {auth.token_for(TOKENS, name)}"}
+
+
+OPERATE, WRITE, FEEDBACK, ALL_SCOPES = bearer("operator"), bearer("writer"), bearer("feedback"), bearer("all-scopes")
 
 ES_URL = os.environ.get("ER_TEST_ES_URL", "http://127.0.0.1:9200")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 
+from conftest import OPERATE
 from embedding_rollout.domain.rollout import ROLLED_BACK, SUCCEEDED
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ def decide_when(live, new: str, script: dict[int, dict], ready=lambda: True):
 
     def send(decision: dict) -> None:
         live.wait_for(ready, timeout=120, what="traffic on the new version")
-        requests.post(f"{live.deployment.app.url}/rollout/decisions",
+        requests.post(f"{live.deployment.app.url}/rollout/decisions", headers=OPERATE,
                       json={"new_version": new, "by": "test", **decision}, timeout=10).raise_for_status()
 
     def on_weights(weights):

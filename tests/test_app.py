@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import elasticsearch_store, serving, spec_for, verified
+from conftest import ALL_SCOPES, OPERATE, WRITE, elasticsearch_store, serving, spec_for, verified
 from embedding_rollout.statestore import DecisionLog
 from embedding_rollout.domain.state import StateFile, VersionSpec
 from embedding_rollout.pipeline.indexing import corpus_source, load_index
@@ -122,7 +122,7 @@ def test_streaming_updates_reach_every_write_target(deployment):
     doc_id = f"stream-{uuid.uuid4().hex[:8]}"
     body = {"title": "Zero downtime rollout", "text": "dual write reaches both indices", "category": "Streaming",
             "date": "2024-05-01", "version": 100}
-    reply = requests.put(f"{url}/documents/{doc_id}", json=body)
+    reply = requests.put(f"{url}/documents/{doc_id}", headers=WRITE, json=body)
     assert reply.status_code == 200 and reply.json()["applied"] == {"v1": True, "v2": True}
     _visible_everywhere(url, doc_id, body["text"])
     for version in ("v1", "v2"):  # each target embedded it with its own generator
@@ -135,10 +135,10 @@ def test_an_older_write_never_overwrites_a_newer_one(deployment):
     doc_id = f"order-{uuid.uuid4().hex[:8]}"
     new = {"title": "new", "text": "the newer text", "category": "Streaming", "date": "2024-05-01", "version": 20}
     old = {**new, "text": "the older text", "version": 10}
-    assert requests.put(f"{url}/documents/{doc_id}", json=new).json()["applied"] == {"v1": True, "v2": True}
-    assert requests.put(f"{url}/documents/{doc_id}", json=old).json()["applied"] == {"v1": False, "v2": False}
+    assert requests.put(f"{url}/documents/{doc_id}", headers=WRITE, json=new).json()["applied"] == {"v1": True, "v2": True}
+    assert requests.put(f"{url}/documents/{doc_id}", headers=WRITE, json=old).json()["applied"] == {"v1": False, "v2": False}
     _visible_everywhere(url, doc_id, new["text"])
-    assert requests.put(f"{url}/documents/{doc_id}", json=new).status_code == 200  # an idempotent retry
+    assert requests.put(f"{url}/documents/{doc_id}", headers=WRITE, json=new).status_code == 200  # an idempotent retry
 
 
 def test_an_older_write_after_a_delete_never_resurrects(deployment):
@@ -146,10 +146,10 @@ def test_an_older_write_after_a_delete_never_resurrects(deployment):
     doc_id = f"gone-{uuid.uuid4().hex[:8]}"
     body = {"title": "t", "text": "a document about to disappear", "category": "Streaming",
             "date": "2024-05-01", "version": 5}
-    requests.put(f"{url}/documents/{doc_id}", json=body)
-    deleted = requests.delete(f"{url}/documents/{doc_id}", params={"version": 6})
+    requests.put(f"{url}/documents/{doc_id}", headers=WRITE, json=body)
+    deleted = requests.delete(f"{url}/documents/{doc_id}", headers=WRITE, params={"version": 6})
     assert deleted.status_code == 200 and deleted.json()["applied"] == {"v1": True, "v2": True}
-    late = requests.put(f"{url}/documents/{doc_id}", json={**body, "version": 4})
+    late = requests.put(f"{url}/documents/{doc_id}", headers=WRITE, json={**body, "version": 4})
     assert late.json()["applied"] == {"v1": False, "v2": False}
     time.sleep(1.0)  # past the refresh interval: had it been written, it would be visible now
     for version in ("v1", "v2"):
@@ -179,12 +179,12 @@ def test_malformed_json_and_bad_documents_get_400(deployment):
     url, *_ = deployment
     reply = requests.post(f"{url}/search", data="{not json", headers={"content-type": "application/json"})
     assert reply.status_code == 400
-    missing = requests.put(f"{url}/documents/x1", json={"title": "t", "text": "x", "category": "c"})
+    missing = requests.put(f"{url}/documents/x1", headers=WRITE, json={"title": "t", "text": "x", "category": "c"})
     assert missing.status_code == 400 and "'date' is a required property" in missing.json()["detail"]
-    bad_id = requests.put(f"{url}/documents/bad%20id", json={"title": "t", "text": "x", "category": "c",
+    bad_id = requests.put(f"{url}/documents/bad%20id", headers=WRITE, json={"title": "t", "text": "x", "category": "c",
                                                                "date": "2020-01-01"})
     assert bad_id.status_code == 400
-    bad_version = requests.delete(f"{url}/documents/x1", params={"version": "-3"})
+    bad_version = requests.delete(f"{url}/documents/x1", headers=WRITE, params={"version": "-3"})
     assert bad_version.status_code == 400
 
 
@@ -213,7 +213,7 @@ def test_schema_valid_but_odd_input_gets_a_4xx_naming_the_problem_never_a_500(de
                                                                                 problem):
     url, state, store, _ = deployment
     counts = {v: store.count(state.read().spec(v).index) for v in ("v1", "v2")}
-    reply = requests.request(method, f"{url}{path}", data=data, headers={"content-type": "application/json"},
+    reply = requests.request(method, f"{url}{path}", data=data, headers={"content-type": "application/json", **ALL_SCOPES},
                              timeout=30)
     assert 400 <= reply.status_code < 500, reply.text
     assert reply.headers["content-type"].startswith("application/problem+json")
@@ -224,8 +224,8 @@ def test_schema_valid_but_odd_input_gets_a_4xx_naming_the_problem_never_a_500(de
 def test_corpus_ids_with_a_tilde_can_be_written_and_deleted(deployment):
     url, state, store, _ = deployment
     doc_id = "3.10.0a1:bpo-1635741~8"
-    assert requests.put(f"{url}/documents/{doc_id}", json=DOCUMENT).status_code == 200
-    assert requests.delete(f"{url}/documents/{doc_id}").status_code == 200
+    assert requests.put(f"{url}/documents/{doc_id}", headers=WRITE, json=DOCUMENT).status_code == 200
+    assert requests.delete(f"{url}/documents/{doc_id}", headers=WRITE).status_code == 200
     assert store.get_many(state.read().spec("v1").index, [doc_id])[doc_id].deleted
 
 
@@ -233,13 +233,13 @@ def test_a_version_beyond_the_clock_is_refused_naming_the_bound(deployment):
     """Versions are server time in microseconds (a caller may bring its own event time): one far in
     the future would make the document unchangeable until then."""
     url, state, store, _ = deployment
-    reply = requests.delete(f"{url}/documents/frozen-1", params={"version": 2 ** 62})
+    reply = requests.delete(f"{url}/documents/frozen-1", headers=WRITE, params={"version": 2 ** 62})
     assert reply.status_code == 400 and "server clock" in reply.json()["detail"]
     assert "frozen-1" not in store.get_many(state.read().spec("v1").index, ["frozen-1"])
-    reply = requests.put(f"{url}/documents/frozen-1", json={**DOCUMENT, "version": 2 ** 62})
+    reply = requests.put(f"{url}/documents/frozen-1", headers=WRITE, json={**DOCUMENT, "version": 2 ** 62})
     assert reply.status_code == 400 and "server clock" in reply.json()["detail"]
     now = time.time_ns() // 1000
-    assert requests.put(f"{url}/documents/frozen-1", json={**DOCUMENT, "version": now}).status_code == 200
+    assert requests.put(f"{url}/documents/frozen-1", headers=WRITE, json={**DOCUMENT, "version": now}).status_code == 200
 
 
 def test_health_readiness_and_metrics(deployment):
@@ -277,7 +277,7 @@ def test_a_down_generator_gives_503_in_time_and_writes_nothing(broken_app):
     reply = post_search(url, {"query": "x"})
     assert reply.status_code == 503 and "unavailable" in reply.json()["detail"]
     assert time.monotonic() - started < 3.0
-    write = requests.put(f"{url}/documents/d1", json={"title": "t", "text": "x", "category": "c",
+    write = requests.put(f"{url}/documents/d1", headers=WRITE, json={"title": "t", "text": "x", "category": "c",
                                                       "date": "2020-01-01", "version": 3})
     assert write.status_code == 503 and write.headers["Retry-After"] == "1"
     assert store.get_many("docs-v3", ["d1"]) == {}
@@ -303,20 +303,20 @@ def test_a_down_store_gives_503(model_server, tmp_path):
         server.stop()
 
 
-def test_decisions_and_feedback_endpoints(deployment):
+def test_decisions_endpoints(deployment):
     url, *_ = deployment
-    made = requests.post(f"{url}/rollout/decisions", json={"new_version": "v2", "action": "set_weights",
-                                                            "weight": 30, "by": "alice"})
-    assert made.status_code == 201 and made.json()["weight"] == 30
-    assert requests.post(f"{url}/rollout/decisions", json={"new_version": "v2", "action": "launch"}).status_code == 400
-    missing = requests.post(f"{url}/rollout/decisions", json={"new_version": "v2", "action": "set_weights"})
+    made = requests.post(f"{url}/rollout/decisions", headers=OPERATE, json={"new_version": "v2", "action": "set_weights",
+                                                                            "weight": 30, "by": "alice"})
+    assert made.status_code == 201 and made.json()["weight"] == 30 and made.json()["by"] == "alice"
+    assert requests.post(f"{url}/rollout/decisions", headers=OPERATE,
+                         json={"new_version": "v2", "action": "launch"}).status_code == 400
+    missing = requests.post(f"{url}/rollout/decisions", headers=OPERATE, json={"new_version": "v2", "action": "set_weights"})
     assert missing.status_code == 400 and "weight" in missing.json()["detail"]
-    listed = requests.get(f"{url}/rollout/decisions", params={"new_version": "v2"}).json()
-    assert [d["id"] for d in listed] == [made.json()["id"]]
-    assert requests.post(f"{url}/feedback", json={"model_version": "v2", "clicked": True}).status_code == 204
-    unknown = requests.post(f"{url}/feedback", json={"model_version": "v9", "clicked": False})
-    assert unknown.status_code == 400 and "v9" in unknown.json()["detail"]
-    assert 'embedding_app_feedback_total{clicked="true",model_version="v2"}' in requests.get(f"{url}/metrics").text
+    unsigned = requests.post(f"{url}/rollout/decisions", headers=OPERATE,
+                             json={"new_version": "v2", "action": "set_weights", "weight": 40})
+    assert unsigned.json()["by"] == "operator"  # who sent it, when the body does not say on whose behalf
+    listed = requests.get(f"{url}/rollout/decisions", headers=OPERATE, params={"new_version": "v2"}).json()
+    assert [d["id"] for d in listed] == [made.json()["id"], unsigned.json()["id"]]
 
 
 class _BuggyService(EmbeddingService):
@@ -365,9 +365,9 @@ def test_the_rollout_endpoints_apply_only_legal_transitions(operator_app):
     url, state = operator_app
 
     def change(**body):
-        return requests.post(f"{url}/deployment/rollout", json=body, timeout=10)
+        return requests.post(f"{url}/deployment/rollout", headers=OPERATE, json=body, timeout=10)
 
-    assert requests.get(f"{url}/deployment/rollout").status_code == 404
+    assert requests.get(f"{url}/deployment/rollout", headers=OPERATE).status_code == 404
     rollout = {"new": "v2", "current": "v1", "strategy": "ramped", "plan": [50, 100], "owner": "ramped"}
     begun = change(transition="begin", run_id="r1", rollout=rollout)
     assert begun.status_code == 200 and begun.json()["rollout"]["phase"] == "Progressing"
@@ -376,12 +376,12 @@ def test_the_rollout_endpoints_apply_only_legal_transitions(operator_app):
     assert change(transition="start_step", run_id="r1").status_code == 409  # names the missing step
     assert change(transition="start_step", run_id="r1", step=0).json()["rollout"]["step_started_at"]
     guard = {"weights": {"v1": 50, "v2": 50}, "rollout": {"run_id": "r1", "step": 0}}
-    assert requests.put(f"{url}/deployment/weights", json=guard).status_code == 200
+    assert requests.put(f"{url}/deployment/weights", headers=OPERATE, json=guard).status_code == 200
     assert change(transition="abort", run_id="r1", reason="analysis failed").status_code == 200
-    late = requests.put(f"{url}/deployment/weights", json={**guard, "weights": {"v1": 0, "v2": 100}})
+    late = requests.put(f"{url}/deployment/weights", headers=OPERATE, json={**guard, "weights": {"v1": 0, "v2": 100}})
     assert late.status_code == 409 and "Aborted" in late.json()["detail"]
     assert state.read().weights == {"v1": 50, "v2": 50}  # the refused change changed nothing
-    assert requests.get(f"{url}/deployment/rollout").json()["message"] == "analysis failed"
+    assert requests.get(f"{url}/deployment/rollout", headers=OPERATE).json()["message"] == "analysis failed"
     bad = change(transition="jump", run_id="r1")
     assert bad.status_code == 400 and "transition" in bad.json()["detail"]
 
@@ -392,13 +392,13 @@ def test_the_operator_api_gives_traffic_only_to_a_verified_version_and_shows_eve
     state.update(lambda s: s.with_version(unverified).with_write_target("v3").with_backfill("v3"))
     before = state.read()
     for weights in ({"v1": 90, "v3": 10}, {"v1": 100, "v3": 0}):
-        refused = requests.put(f"{url}/deployment/weights", json={"weights": weights})
+        refused = requests.put(f"{url}/deployment/weights", headers=OPERATE, json={"weights": weights})
         assert refused.status_code == 409, refused.text
         assert refused.json()["detail"] == ("v3 cannot take traffic: it is backfilled; it needs a backfill and a "
                                             "passed verification first (embedding-rollout index verify)")
     assert state.read() == before  # refused: nothing changed
-    assert requests.put(f"{url}/deployment/weights", json={"weights": {"v1": 90, "v2": 10}}).status_code == 200
-    shown = requests.get(f"{url}/deployment").json()["versions"]
+    assert requests.put(f"{url}/deployment/weights", headers=OPERATE, json={"weights": {"v1": 90, "v2": 10}}).status_code == 200
+    shown = requests.get(f"{url}/deployment", headers=OPERATE).json()["versions"]
     assert {name: spec["phase"] for name, spec in shown.items()} == {"v1": "live", "v2": "live", "v3": "backfilled"}
     assert shown["v2"]["verification"]["complete"] is True and shown["v3"]["verification"] is None
 
@@ -447,15 +447,15 @@ def test_a_candidate_that_is_not_ready_gets_no_more_traffic(model_server, tmp_pa
     state, server = app_with_a_broken_candidate(model_server, tmp_path)
     try:
         before = (tmp_path / "state.json").read_bytes()
-        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 50, "v2": 50}})
+        reply = requests.put(f"{server.url}/deployment/weights", headers=OPERATE, json={"weights": {"v1": 50, "v2": 50}})
         assert reply.status_code == 409, reply.text
         assert "v2 is not ready" in reply.json()["detail"] and "generator" in reply.json()["detail"]
         assert (tmp_path / "state.json").read_bytes() == before
-        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 95, "v2": 5}})
+        reply = requests.put(f"{server.url}/deployment/weights", headers=OPERATE, json={"weights": {"v1": 95, "v2": 5}})
         assert reply.status_code == 200, reply.text
-        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 100}})
+        reply = requests.put(f"{server.url}/deployment/weights", headers=OPERATE, json={"weights": {"v1": 100}})
         assert reply.status_code == 200 and state.read().weights == {"v1": 100}
-        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 90, "v2": 10}})
+        reply = requests.put(f"{server.url}/deployment/weights", headers=OPERATE, json={"weights": {"v1": 90, "v2": 10}})
         assert reply.status_code == 409  # back from 0: a raise as well
     finally:
         server.stop()

@@ -21,7 +21,9 @@ import requests
 import yaml
 from kubernetes import client
 
+from conftest import TOKENS
 from embedding_rollout import steps
+from embedding_rollout.auth import token_for
 from embedding_rollout.airflow_stack import AirflowStack, free_port
 from embedding_rollout.config import Settings
 from embedding_rollout.domain.rollout import ROLLED_BACK, SUCCEEDED
@@ -105,8 +107,11 @@ def cluster_airflow(kube, four_models, tmp_path_factory):
         app = AppServer(create_app(Settings())).start()
         kube.kubelet.containers = StepProcesses(kube, home / "step-pods")
         env.setenv("KUBECONFIG", str(home / "no-kubeconfig"))  # Airflow's code has only its connection
-        airflow = AirflowStack(home / "airflow", port=free_port(), parallelism=4, env={
-            "ER_AIRFLOW_RUNTIME": "kubernetes", "ER_APP_URL": app.url, "ER_IMAGE": IMAGE,
+        # The app and its token from the Connection only (ER_APP_URL leads nowhere).
+        airflow = AirflowStack(home / "airflow", port=free_port(), parallelism=4, app_url=app.url,
+                               app_token=token_for(TOKENS, "operator"), env={
+            "ER_AIRFLOW_RUNTIME": "kubernetes", "ER_APP_URL": "http://127.0.0.1:9", "ER_IMAGE": IMAGE,
+            "ER_TOKENS": str(home / "no-tokens.json"),
             "ER_GATEWAY_VIRTUAL_SERVICE": NAME, "ER_RETRAIN_SCHEDULE": "none",
             "AIRFLOW_CONN_KUBERNETES_DEFAULT": kubernetes_default(kube.service_account_token(*AIRFLOW))})
         try:

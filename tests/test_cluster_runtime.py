@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import requests
 
+from conftest import OPERATE
 from embedding_rollout import steps
 from embedding_rollout_airflow.hooks.deployment import AppDeploymentHook, DeploymentStateError
 from embedding_rollout_airflow.hooks.routing import IstioVirtualServiceHook, MeshRouterHook, weights_of
@@ -105,7 +106,7 @@ def test_after_an_abort_a_rollout_task_changes_neither_the_app_nor_istio(deploym
 def test_the_operator_api_refuses_bad_weights_and_changes_nothing(deployment):
     url, before = deployment.app.url, deployment.state.read()
     for weights, status in [({"v1": 90, "v2": 20}, 400), ({"v9": 100}, 409), ({"x1": 100}, 400), ({}, 400)]:
-        reply = requests.put(f"{url}/deployment/weights", json={"weights": weights})
+        reply = requests.put(f"{url}/deployment/weights", headers=OPERATE, json={"weights": weights})
         assert reply.status_code == status, (weights, reply.text)
         assert reply.json()["detail"]
     assert deployment.state.read() == before
@@ -133,12 +134,12 @@ def test_backfill_sensor_in_the_cluster_reads_the_recorded_verification_from_the
     assert poke() is False  # dual-writing, not backfilled yet
 
     steps.backfill(settings, "v2", "v1")
-    checkpoint = requests.get(f"{deployment.app.url}/deployment/backfills/v2", params={"source": "v1"}).json()
+    checkpoint = requests.get(f"{deployment.app.url}/deployment/backfills/v2", headers=OPERATE, params={"source": "v1"}).json()
     assert checkpoint["done"] and checkpoint["loaded"] == open_store(settings).count("docs-v1")
     assert poke() is False  # backfilled, but nothing verified it yet
     assert steps.verify(settings, "v2", "v1").complete
     assert poke() is True
-    verification = requests.get(f"{deployment.app.url}/deployment").json()["versions"]["v2"]["verification"]
+    verification = requests.get(f"{deployment.app.url}/deployment", headers=OPERATE).json()["versions"]["v2"]["verification"]
     assert verification["complete"] and verification["checked"] == checkpoint["loaded"]
 
     store = open_store(settings)
@@ -153,7 +154,7 @@ def test_backfill_sensor_in_the_cluster_reads_the_recorded_verification_from_the
     assert steps.state_file(settings).read().phase("v2") == "backfilled"
     assert steps.verify(settings, "v2", "v1").complete  # the next verification repairs, then passes
     assert poke() is True
-    assert requests.get(f"{deployment.app.url}/deployment/backfills/v7", params={"source": "v1"}).status_code == 404
+    assert requests.get(f"{deployment.app.url}/deployment/backfills/v7", headers=OPERATE, params={"source": "v1"}).status_code == 404
 
 
 def test_the_conf_is_checked_through_the_app_where_the_worker_sees_no_volume(deployment, tmp_path):
@@ -173,7 +174,7 @@ def test_the_conf_is_checked_through_the_app_where_the_worker_sees_no_volume(dep
     outside.mkdir()
     with pytest.raises(InvalidConf, match="400.*not on a shared volume"):
         resolve_conf({**base, "model_artifact": str(outside)}, app)
-    reply = requests.get(f"{deployment.app.url}/deployment/models/v2",
+    reply = requests.get(f"{deployment.app.url}/deployment/models/v2", headers=OPERATE,
                          params={"artifact": str(deployment.settings.model_dir / "2")})
     assert reply.status_code == 200 and reply.json()["dims"] == 48
 

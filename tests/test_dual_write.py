@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 
+from conftest import WRITE
 from embedding_rollout import steps
 from embedding_rollout.store import open_store
 from rollout_harness import LocalDeployment
@@ -31,8 +32,8 @@ def test_writes_succeed_while_the_candidate_fails_and_promote_repairs_it(deploym
     url, store = deployment.app.url, open_store(deployment.settings)
     victim = next(iter(store.scan("docs-v1"))).id
     deployment.model_server.manager.set_fault_rate(2, 1.0)  # v2's generator fails every call
-    put = requests.put(f"{url}/documents/new-doc", json={**DOC, "version": 10**15})
-    delete = requests.delete(f"{url}/documents/{victim}", params={"version": 10**15})
+    put = requests.put(f"{url}/documents/new-doc", headers=WRITE, json={**DOC, "version": 10**15})
+    delete = requests.delete(f"{url}/documents/{victim}", headers=WRITE, params={"version": 10**15})
     assert put.status_code == delete.status_code == 200, (put.text, delete.text)
     assert list(put.json()["missed"]) == ["v2"] and put.json()["applied"] == {"v1": True}
     assert "injected failure" in put.json()["missed"]["v2"]
@@ -62,7 +63,7 @@ def test_writes_succeed_while_the_candidate_fails_and_promote_repairs_it(deploym
 def test_the_stable_versions_failure_fails_the_write_and_writes_nothing(deployment):
     url = deployment.app.url
     deployment.model_server.manager.set_fault_rate(1, 1.0)
-    put = requests.put(f"{url}/documents/lost-doc", json={**DOC, "version": 10**15})
+    put = requests.put(f"{url}/documents/lost-doc", headers=WRITE, json={**DOC, "version": 10**15})
     assert put.status_code == 503 and "injected failure" in put.json()["detail"]
     store = open_store(deployment.settings)
     assert store.get_many("docs-v1", ["lost-doc"]) == {} == store.get_many("docs-v2", ["lost-doc"])

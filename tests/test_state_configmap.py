@@ -11,7 +11,7 @@ import pytest
 import requests
 from kubernetes import client
 
-from conftest import serving, spec_for, verified
+from conftest import OPERATE, serving, spec_for, verified
 from embedding_rollout.domain.state import ConcurrentUpdate, VersionSpec
 from embedding_rollout.statestore.configmap import ConfigMapState
 from kube_cluster import NAMESPACE, wait_until
@@ -135,11 +135,11 @@ def test_the_app_serves_from_the_configmap_and_writes_to_it(kube, name, model_se
     step.update(lambda s: verified(serving(s, v1), v2))
     server = AppServer(create_app(Settings())).start()  # the app as `embedding-rollout app` builds it
     try:
-        assert requests.get(f"{server.url}/deployment").json()["weights"] == {"v1": 100}
+        assert requests.get(f"{server.url}/deployment", headers=OPERATE).json()["weights"] == {"v1": 100}
         step.update(lambda s: s.with_weights({"v1": 50, "v2": 50}))
-        wait_until(lambda: requests.get(f"{server.url}/deployment").json()["weights"] == {"v1": 50, "v2": 50}, 30,
+        wait_until(lambda: requests.get(f"{server.url}/deployment", headers=OPERATE).json()["weights"] == {"v1": 50, "v2": 50}, 30,
                    "the app seeing the step's change")
-        reply = requests.put(f"{server.url}/deployment/weights", json={"weights": {"v1": 90, "v2": 10}})
+        reply = requests.put(f"{server.url}/deployment/weights", headers=OPERATE, json={"weights": {"v1": 90, "v2": 10}})
         assert reply.status_code == 200, reply.text
         assert step.read().weights == {"v1": 90, "v2": 10}
         assert not (tmp_path / "home" / "state.json").exists()

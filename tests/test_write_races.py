@@ -20,7 +20,7 @@ from itertools import count
 import pytest
 import requests
 
-from conftest import ES_URL, elasticsearch_store
+from conftest import ES_URL, WRITE, elasticsearch_store
 from embedding_rollout import steps
 from embedding_rollout.pipeline.indexing import Checkpoint
 from embedding_rollout.store import open_store
@@ -122,7 +122,7 @@ class Writers:
         """One write as a well-behaved client sends it: a 503 (a generator or store that is busy
         under this load) is retried with the same version, which makes the retry idempotent."""
         for attempt in range(RETRIES_ON_503):
-            reply = requests.request(method, f"{self.url}/documents/{doc_id}", timeout=30, **request)
+            reply = requests.request(method, f"{self.url}/documents/{doc_id}", headers=WRITE, timeout=30, **request)
             if reply.status_code != 503:
                 return reply
             self.retried_503 += 1

@@ -18,7 +18,6 @@ class Runtime:
     namespace: str = field(default_factory=lambda: _env("ER_K8S_NAMESPACE", "embeddings"))
     service_account: str = field(default_factory=lambda: _env("ER_STEP_SERVICE_ACCOUNT", "rollout-steps"))
     gateway_virtual_service: str = field(default_factory=lambda: _env("ER_GATEWAY_VIRTUAL_SERVICE", "embedding-app"))
-    app_url: str = field(default_factory=lambda: _env("ER_APP_URL", "http://127.0.0.1:8080"))
     # The analysis's metrics: Prometheus (every app pod) when set, else the app's own /metrics.
     prometheus_url: str = field(default_factory=lambda: _env("ER_PROMETHEUS_URL", ""))
     prometheus_selector: str = field(default_factory=lambda: _env("ER_PROMETHEUS_SELECTOR", ""))
@@ -29,12 +28,18 @@ class Runtime:
         if self.kind not in (LOCAL, KUBERNETES):
             raise ValueError(f"ER_AIRFLOW_RUNTIME must be '{LOCAL}' or '{KUBERNETES}', got {self.kind!r}")
 
+    def app(self):
+        """Where the app is, and the token to call it with (the ``embedding_rollout_app`` Connection)."""
+        from .hooks.app import AppHook
+        return AppHook().endpoint()
+
     def metrics_source(self):
         from embedding_rollout.online_metrics import metrics_source
-        return metrics_source(self.app_url, self.prometheus_url, self.prometheus_selector,
+        return metrics_source(self.app().url, self.prometheus_url, self.prometheus_selector,
                               self.prometheus_scrape_interval)
 
     @property
     def step_env(self) -> dict[str, str]:
-        """The ER_* settings the step commands need, passed on to pods and processes alike."""
-        return {k: v for k, v in os.environ.items() if k.startswith("ER_")}
+        """The ER_* settings the step commands need, passed on to pods and processes alike; not the
+        app's token: the steps never call the app."""
+        return {k: v for k, v in os.environ.items() if k.startswith("ER_") and k != "ER_APP_TOKEN"}

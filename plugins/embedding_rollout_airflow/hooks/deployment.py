@@ -15,6 +15,8 @@ from embedding_rollout.model.repository import ModelNotFound, catalogue, find
 from embedding_rollout.pipeline.indexing import Checkpoint
 from embedding_rollout.statestore import checkpoint_slot, open_state
 
+from .app import AppEndpoint, AppHook, _from_environment
+
 
 class DeploymentStateError(RuntimeError):
     def __init__(self, message: str, status: int | None = None):
@@ -62,14 +64,27 @@ class LocalDeploymentHook(BaseHook):
 
 
 class AppDeploymentHook(BaseHook):
-    """``/deployment`` of the app (inside the mesh, allowed to Airflow's identity only)."""
+    """The app's operator API (``rollout:operate``): where and with which token from the
+    ``embedding_rollout_app`` Connection (``AppHook``), unless ``app_url`` is given."""
 
-    def __init__(self, app_url: str, timeout: float = 10.0):
+    def __init__(self, app_url: str | None = None, token: str | None = None, timeout: float = 10.0,
+                 app_conn_id: str = AppHook.default_conn_name):
         super().__init__()
-        self.app_url, self.timeout = app_url.rstrip("/"), timeout
+        # A URL without a token takes the local default's token (tests, tools next to the stack).
+        self._given = AppEndpoint(app_url.rstrip("/"), token or _from_environment().token) if app_url else None
+        self.app_conn_id, self.timeout = app_conn_id, timeout
+
+    def endpoint(self) -> AppEndpoint:
+        return self._given or AppHook(self.app_conn_id).endpoint()
+
+    @property
+    def app_url(self) -> str:
+        return self.endpoint().url
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
-        reply = requests.request(method, f"{self.app_url}{path}", timeout=self.timeout, **kwargs)
+        endpoint = self.endpoint()
+        reply = requests.request(method, f"{endpoint.url}{path}", headers=endpoint.headers, timeout=self.timeout,
+                                 **kwargs)
         if reply.status_code >= 400:
             detail = reply.json().get("detail") if reply.headers.get("content-type", "").endswith("json") else reply.text
             raise DeploymentStateError(f"{method} {path}: {reply.status_code}: {detail}", reply.status_code)
@@ -99,10 +114,15 @@ class AppDeploymentHook(BaseHook):
         """The version's SavedModel, as the app (and the step pods) see the shared volumes."""
         return self._call("GET", f"/deployment/models/{version}", params={"artifact": artifact} if artifact else None)
 
+    def decisions(self, new_version: str) -> list[dict]:
+        """The A/B decisions sent for ``new_version``, oldest first (in every runtime: they are
+        sent to the app)."""
+        return self._call("GET", "/rollout/decisions", params={"new_version": new_version})
+
 
 def deployment_hook(runtime) -> LocalDeploymentHook | AppDeploymentHook:
     from ..runtime import KUBERNETES
     if runtime.kind == KUBERNETES:
-        return AppDeploymentHook(runtime.app_url)
+        return AppDeploymentHook()
     return LocalDeploymentHook()
 

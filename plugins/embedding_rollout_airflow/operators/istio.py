@@ -15,7 +15,7 @@ from ..runtime import KUBERNETES, Runtime
 def router_hook(runtime: Runtime, kubernetes_conn_id: str | None = None):
     if runtime.kind == KUBERNETES:
         istio = IstioVirtualServiceHook(runtime.gateway_virtual_service, runtime.namespace, kubernetes_conn_id)
-        return MeshRouterHook(istio, AppDeploymentHook(runtime.app_url))
+        return MeshRouterHook(istio, AppDeploymentHook())
     return LocalRouterHook()
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import requests
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from embedding_rollout.domain.analysis import Thresholds, automatic_decision
 from embedding_rollout.online_metrics import MetricsUnavailable
 
+from ..hooks.deployment import AppDeploymentHook
 from ..hooks.routing import WeightsRefused
 from ..operators.istio import router_hook
 from ..runtime import Runtime
@@ -81,15 +81,12 @@ class AwaitDecisionSensor(BaseSensorOperator):
         if final is not None:
             return self._decided(final["action"], f"decision {final['id']} by {final['by'] or '-'}")
         last_seen = max([applied, *(d["id"] for d in decisions)])
-        self.defer(trigger=DecisionTrigger(self._runtime.app_url, self.new_version, last_seen, self.deadline),
+        self.defer(trigger=DecisionTrigger(self.new_version, last_seen, self.deadline),
                    method_name="check", kwargs={"applied": applied})
 
     def _decisions(self) -> list[dict]:
         """Decisions for this version sent since the split began, oldest first."""
-        reply = requests.get(f"{self._runtime.app_url}/rollout/decisions",
-                             params={"new_version": self.new_version}, timeout=10)
-        reply.raise_for_status()
-        return [d for d in reply.json() if d["at"] >= float(self.split["at"])]
+        return [d for d in AppDeploymentHook().decisions(self.new_version) if d["at"] >= float(self.split["at"])]
 
     def _auto(self, context):
         try:

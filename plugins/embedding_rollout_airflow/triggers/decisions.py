@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from ..hooks.app import AppHook
 from ..waiting import MIN_DEFER_SECONDS
 
 
@@ -20,20 +21,23 @@ class DecisionTrigger(BaseTrigger):
     fires no sooner than ``MIN_DEFER_SECONDS`` after it was made (see ``waiting``).
     """
 
-    def __init__(self, app_url: str, new_version: str, after_id: int, deadline: float, poll_interval: float = 2.0,
-                 not_before: float | None = None):
+    def __init__(self, new_version: str, after_id: int, deadline: float, poll_interval: float = 2.0,
+                 not_before: float | None = None, app_conn_id: str = AppHook.default_conn_name):
         super().__init__()
-        self.app_url, self.new_version, self.after_id = app_url.rstrip("/"), new_version, after_id
-        self.deadline, self.poll_interval = deadline, poll_interval
+        self.new_version, self.after_id = new_version, after_id
+        self.deadline, self.poll_interval, self.app_conn_id = deadline, poll_interval, app_conn_id
         self.not_before = not_before if not_before is not None else time.time() + MIN_DEFER_SECONDS
 
     def serialize(self) -> tuple[str, dict]:
+        # The connection's id, never its token: triggers are stored in Airflow's database.
         return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"app_url": self.app_url, "new_version": self.new_version, "after_id": self.after_id,
-                 "deadline": self.deadline, "poll_interval": self.poll_interval, "not_before": self.not_before})
+                {"new_version": self.new_version, "after_id": self.after_id, "deadline": self.deadline,
+                 "poll_interval": self.poll_interval, "not_before": self.not_before, "app_conn_id": self.app_conn_id})
 
     async def _new_decisions(self, client: httpx.AsyncClient) -> bool:
-        reply = await client.get(f"{self.app_url}/rollout/decisions", params={"new_version": self.new_version})
+        app = await AppHook(self.app_conn_id).aendpoint()
+        reply = await client.get(f"{app.url}/rollout/decisions", params={"new_version": self.new_version},
+                                 headers=app.headers)
         reply.raise_for_status()
         return any(d["id"] > self.after_id for d in reply.json())
 
