@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import jwt
 import pytest
@@ -98,10 +99,10 @@ def test_every_write_and_control_operation_is_refused_without_the_scope_and_chan
     operations = _operations(live)
     before = _snapshot(live)
     for scope, method, path, request in operations:
-        wrong = [bearer(name) for name, held in CALLERS.items() if held != scope]
-        for headers, status in [(ANONYMOUS, 401), (UNKNOWN, 401), *((h, 403) for h in wrong)]:
+        wrong = [(name, bearer(name), 403) for name, held in CALLERS.items() if held != scope]
+        for who, headers, status in [("anonymous", ANONYMOUS, 401), ("unknown", UNKNOWN, 401), *wrong]:
             reply = requests.request(method, f"{live.app.url}{path}", headers=headers, timeout=30, **request)
-            assert reply.status_code == status, (method, path, headers, reply.text)
+            assert reply.status_code == status, (method, path, who, reply.text)  # never the token itself
             assert reply.headers["content-type"].startswith("application/problem+json")
             assert reply.headers["WWW-Authenticate"].startswith('Bearer realm="embedding-rollout"')
             if status == 403:
@@ -395,3 +396,19 @@ def test_tokens_cli_creates_shows_and_replaces(tmp_path):
     missing = cli("show", "nobody")
     assert missing.returncode != 0 and "no caller 'nobody'" in missing.stderr
     assert TOKENS.exists()  # the suite's own file untouched by these
+
+
+def test_the_log_scan_finds_a_token_and_names_only_its_caller(tmp_path):
+    tokens = tmp_path / "tokens.json"
+    auth.ensure_tokens_file(tokens)
+    logs = tmp_path / "run" / "airflow" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "task.log").write_text("calling the app\n")
+    scan = [sys.executable, str(Path(__file__).parent.parent / "scripts" / "no_tokens_in_logs.py"), str(tokens),
+            str(tmp_path / "run")]
+    clean = subprocess.run(scan, capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0 and "1 log files" in clean.stdout and "0 found" in clean.stdout
+    (logs / "task.log").write_text(f"Authorization: Bearer {auth.token_for(tokens, 'writer')}\n")
+    leaked = subprocess.run(scan, capture_output=True, text=True, timeout=60)
+    assert leaked.returncode == 1 and "tokens.json:writer" in leaked.stderr
+    assert auth.token_for(tokens, "writer") not in leaked.stdout + leaked.stderr
