@@ -5,7 +5,7 @@
 # `embedding-rollout-bootstrap`.
 #
 #   embedding-rollout-bootstrap model    train v1 unless the model repository has it
-#   embedding-rollout-bootstrap deploy   deploy v1, index the corpus, dual-write, weights v1=100
+#   embedding-rollout-bootstrap deploy   create the tokens; deploy v1, index the corpus, dual-write, weights v1=100
 #   embedding-rollout-bootstrap all      both, waiting for the generator to serve v1 in between
 #
 # Idempotent, and harmless once a rollout has happened: `deploy` does nothing when the deployment
@@ -50,6 +50,9 @@ wait_generator() {
 }
 
 deploy() {
+  # The app's bearer tokens ($ER_TOKENS, default $ER_HOME/tokens.json, 0600), unless they exist:
+  # `docker compose exec app embedding-rollout tokens show writer` prints one.
+  embedding-rollout tokens init
   if live; then
     say "$STATE already has live versions: nothing to do"
     return 0

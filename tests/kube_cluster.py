@@ -65,10 +65,10 @@ class KubeCluster:
         return self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=tests",
                             *extra, "-f", "-", input_text=yaml.safe_dump_all(objects))
 
-    def service_account_token(self, namespace: str, name: str) -> str:
+    def service_account_token(self, namespace: str, name: str, audience: str = "https://kubernetes.default.svc") -> str:
         """A token for the ServiceAccount from the TokenRequest API, as a projected volume gets it."""
         request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
-            audiences=["https://kubernetes.default.svc"], expiration_seconds=3600))
+            audiences=[audience], expiration_seconds=3600))
         reply = client.CoreV1Api(self.admin).create_namespaced_service_account_token(name, namespace, request)
         return reply.status.token
 

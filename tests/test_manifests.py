@@ -38,13 +38,19 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import jsonpatch
 import jsonschema
 import kubernetes_validate
 import pytest
+import requests
 import yaml
+
+from conftest import WRITE
+from embedding_rollout.store import open_store
+from rollout_harness import LocalDeployment, small_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -493,6 +499,70 @@ def test_mesh_security_strict_mtls_and_who_may_call_whom(path):
                        for o in objects if pod_spec(o)), policy["metadata"]["name"]
 
 
+def _istio_match(pattern: str, value: str | None) -> bool:
+    """An Istio string match: exact, prefix (``x*``), suffix (``*x``) or presence (``*``)."""
+    if value is None:
+        return False
+    return pattern in ("*", value) or (pattern.endswith("*") and value.startswith(pattern[:-1])) or \
+        (pattern.startswith("*") and value.endswith(pattern[1:]))
+
+
+def mesh_allows(policy: dict, principal_: str, request_principal: str | None, scopes: set[str], method: str,
+                path: str) -> bool:
+    """Whether an ALLOW AuthorizationPolicy lets the request through, as Istio's documented rules
+    read (no Envoy runs here): any rule whose every present field matches."""
+    def fields_match(spec: dict, values: dict) -> bool:
+        return all(any(_istio_match(p, values[field]) for p in patterns) for field, patterns in spec.items()
+                   if field in values)
+    for rule in policy["spec"]["rules"]:
+        sources = [s["source"] for s in rule.get("from", [])] or [{}]
+        operations = [t["operation"] for t in rule.get("to", [])] or [{}]
+        who = {"principals": principal_, "requestPrincipals": request_principal}
+        what = {"methods": method, "paths": path, "ports": "8080"}
+        conditions = all(scopes & set(c["values"]) for c in rule.get("when", []) if c["key"] == "request.auth.claims[scope]")
+        if any(fields_match(s, who) for s in sources) and any(fields_match(o, what) for o in operations) and conditions:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("path", rendered_systems())
+def test_the_mesh_requires_a_jwt_with_the_scope_for_every_write_and_control_call(path):
+    objects = render(path)
+    authn = one(objects, "RequestAuthentication", "embedding-app")
+    policy = one(objects, "AuthorizationPolicy", "embedding-app")
+    assert authn["spec"]["selector"] == policy["spec"]["selector"]
+    issuers = {rule["issuer"] for rule in authn["spec"]["jwtRules"]}
+    assert all(rule["audiences"] == ["embedding-rollout"] and rule["forwardOriginalToken"]  # the app checks it too
+               for rule in authn["spec"]["jwtRules"])
+    kube, users = "https://kubernetes.default.svc.cluster.local", "https://auth.example.com"
+    assert issuers == {kube, users}
+    gateway = principal("istio-system", "istio-ingressgateway-service-account")
+    airflow, steps = principal("airflow", "embedding-rollout-airflow"), principal("embeddings", "rollout-steps")
+    airflow_jwt = f"{kube}/system:serviceaccount:airflow:embedding-rollout-airflow"
+    writer_jwt = f"{users}/content-pipeline"
+
+    def allows(source, jwt_principal, scopes, method, request_path):
+        return mesh_allows(policy, source, jwt_principal, set(scopes), method, request_path)
+    writes = [("PUT", "/documents/d1"), ("DELETE", "/documents/d1"), ("POST", "/feedback")]
+    control = [("PUT", "/deployment/weights"), ("POST", "/rollout/decisions"), ("POST", "/deployment/rollout"),
+               ("GET", "/deployment"), ("GET", "/rollout/decisions"), ("GET", "/deployment/backfills/v2")]
+    for method, request_path in writes + control:  # no JWT: no write, no control, from anywhere
+        for source in (gateway, airflow, steps):
+            assert not allows(source, None, [], method, request_path), (source, method, request_path)
+    assert allows(gateway, writer_jwt, ["documents:write"], "PUT", "/documents/d1")
+    assert allows(gateway, writer_jwt, ["documents:write"], "DELETE", "/documents/d1")
+    assert not allows(gateway, writer_jwt, ["feedback:write"], "PUT", "/documents/d1")  # the scope per operation
+    assert allows(gateway, writer_jwt, ["feedback:write"], "POST", "/feedback")
+    assert not allows(gateway, writer_jwt, ["documents:write"], "POST", "/feedback")
+    for method, request_path in control:
+        assert allows(airflow, airflow_jwt, [], method, request_path), (method, request_path)
+        assert not allows(gateway, airflow_jwt, [], method, request_path)  # not from outside
+        assert not allows(steps, airflow_jwt, [], method, request_path)  # a stolen token from another workload
+        assert not allows(airflow, writer_jwt, ["documents:write", "feedback:write"], method, request_path)
+    assert not allows(airflow, airflow_jwt, [], "PUT", "/documents/d1")  # Airflow holds rollout:operate only
+    assert allows(gateway, None, [], "POST", "/search") and allows(airflow, None, [], "GET", "/metrics")
+
+
 FORBIDDEN_VERBS = {"*", "escalate", "bind", "impersonate"}
 
 
@@ -749,18 +819,15 @@ def substitute(text: str, old: str, new: str, count: int = 1) -> str:
     return text.replace(old, new)
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
+@contextmanager
+def running_gateway(work: Path, upstream_port: int, state: Path):
+    """deploy/gateway/nginx.conf run by nginx on 127.0.0.1, in front of ``upstream_port``; yields its port."""
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if nginx is None or not os.path.exists(NJS_MODULE):
         missing_tool("nginx with the njs module not found")
-    work = tmp_path_factory.mktemp("gateway")
-    state = work / "state.json"
-    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoVersion)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port = free_port()
     conf = (REPO / "deploy" / "gateway" / "nginx.conf").read_text()
-    conf = substitute(conf, "server app:8080;", f"server 127.0.0.1:{upstream.server_address[1]};")
+    conf = substitute(conf, "server app:8080;", f"server 127.0.0.1:{upstream_port};")
     conf = substitute(conf, "listen 8080;", f"listen 127.0.0.1:{port};")
     conf = substitute(conf, "js_path /etc/nginx/njs/;", f"js_path {REPO / 'deploy' / 'gateway'}/;")
     conf = substitute(conf, "/var/lib/embedding-rollout/state.json;", f"{state};")
@@ -775,38 +842,71 @@ def gateway(tmp_path_factory):
     assert check.returncode == 0, check.stderr
     log = (work / "error.log").open("w")
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, \
-                f"nginx did not start: {(work / 'error.log').read_text()}"
-            time.sleep(0.05)
-    client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-
-    def request(path="/search", headers=None):
-        client.request("GET", path, headers=headers or {})
-        response = client.getresponse()
-        body = response.read()
-        if response.getheader("content-type") != "application/json":
-            return response.status, None
-        return response.status, json.loads(body)["version"]
-
-    def set_weights(weights):
-        state.write_text(json.dumps({"revision": 1, "weights": weights, "versions": {}}))
-
-    yield request, set_weights, state
-    client.close()
-    server.send_signal(signal.SIGQUIT)
     try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-    log.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, \
+                    f"nginx did not start: {(work / 'error.log').read_text()}"
+                time.sleep(0.05)
+        yield port
+    finally:
+        server.send_signal(signal.SIGQUIT)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    work = tmp_path_factory.mktemp("gateway")
+    state = work / "state.json"
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoVersion)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    with running_gateway(work, upstream.server_address[1], state) as port:
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+
+        def request(path="/search", headers=None):
+            client.request("GET", path, headers=headers or {})
+            response = client.getresponse()
+            body = response.read()
+            if response.getheader("content-type") != "application/json":
+                return response.status, None
+            return response.status, json.loads(body)["version"]
+
+        def set_weights(weights):
+            state.write_text(json.dumps({"revision": 1, "weights": weights, "versions": {}}))
+
+        yield request, set_weights, state
+        client.close()
     upstream.shutdown()
+
+
+def test_the_compose_gateway_passes_tokens_through_and_the_app_refuses_anonymous_writes(model_repo, tmp_path,
+                                                                                          monkeypatch):
+    """The real app behind the real gateway configuration: the app checks the tokens."""
+    monkeypatch.setenv("ER_CORPUS", str(small_corpus(tmp_path / "corpus.jsonl.gz", 50)))
+    deployment = LocalDeployment(tmp_path / "home", model_repo, monkeypatch)
+    work = tmp_path / "gateway"
+    work.mkdir()
+    try:
+        with running_gateway(work, int(deployment.app.url.rsplit(":", 1)[1]), deployment.settings.state_path) as port:
+            url, index = f"http://127.0.0.1:{port}", deployment.state.read().spec("v1").index
+            before = open_store(deployment.settings).count(index)
+            document = {"title": "t", "text": "through the gateway", "category": "c", "date": "2024-01-01"}
+            refused = requests.put(f"{url}/documents/gw-1", json=document, timeout=30)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+            assert open_store(deployment.settings).count(index) == before
+            assert requests.put(f"{url}/documents/gw-1", json=document, headers=WRITE, timeout=30).status_code == 200
+            assert requests.post(f"{url}/search", json={"query": "gateway"}, timeout=30).status_code == 200
+    finally:
+        deployment.stop()
 
 
 def test_gateway_sets_the_header_by_the_live_weights(gateway):
