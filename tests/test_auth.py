@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -398,7 +399,13 @@ def test_tokens_cli_creates_shows_and_replaces(tmp_path):
     assert TOKENS.exists()  # the suite's own file untouched by these
 
 
-def test_the_log_scan_finds_a_token_and_names_only_its_caller(tmp_path):
+def test_the_log_scan_finds_a_token_and_names_only_its_caller():
+    # Outside the run's directory, which scripts/test.sh scans: this leak is made on purpose.
+    with tempfile.TemporaryDirectory(prefix="er-log-scan-") as folder:
+        _check_the_log_scan(Path(folder))
+
+
+def _check_the_log_scan(tmp_path: Path):
     tokens = tmp_path / "tokens.json"
     auth.ensure_tokens_file(tokens)
     logs = tmp_path / "run" / "airflow" / "logs"
@@ -412,3 +419,25 @@ def test_the_log_scan_finds_a_token_and_names_only_its_caller(tmp_path):
     leaked = subprocess.run(scan, capture_output=True, text=True, timeout=60)
     assert leaked.returncode == 1 and "tokens.json:writer" in leaked.stderr
     assert auth.token_for(tokens, "writer") not in leaked.stdout + leaked.stderr
+
+
+@pytest.mark.elasticsearch
+def test_a_local_step_reaches_elasticsearch_through_its_airflow_connection(model_repo, monkeypatch):
+    """ER_ES_URL leads nowhere; the Connection elasticsearch_default names the real server."""
+    from urllib.parse import urlsplit
+
+    from embedding_rollout_airflow.operators.steps import LocalStepOperator
+    store = elasticsearch_store()
+    server = urlsplit(ES_URL)
+    prefix = f"conn-{uuid.uuid4().hex[:8]}"
+    for name, value in {"ER_STORE": "elasticsearch", "ER_ES_URL": "http://127.0.0.1:9", "ER_INDEX_PREFIX": prefix,
+                        "ER_MODEL_BASE": str(model_repo.parent),
+                        "AIRFLOW_CONN_ELASTICSEARCH_DEFAULT": json.dumps({
+                            "conn_type": "elasticsearch", "host": server.hostname, "port": server.port,
+                            "schema": server.scheme})}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        LocalStepOperator(task_id="create_index", arguments=["index", "create", "--version", "v1"]).execute({})
+        assert f"{prefix}-v1" in store.indices()
+    finally:
+        store.drop_index(f"{prefix}-v1")

@@ -198,6 +198,18 @@ def test_the_operator_creates_the_step_pod_in_the_embeddings_namespace(launch, b
     assert (labels["dag_id"], labels["task_id"], labels["try_number"]) == (DAG_ID, TASK_ID, "1")
 
 
+def test_the_step_pod_gets_elasticsearch_from_its_airflow_connection(launch, monkeypatch):
+    monkeypatch.setenv("ER_ES_URL", "http://parse-time.invalid:9200")
+    monkeypatch.setenv("AIRFLOW_CONN_ELASTICSEARCH_DEFAULT", json.dumps(
+        {"conn_type": "elasticsearch", "host": "es.search.svc.cluster.local", "port": 9200, "schema": "https"}))
+    run = launch("v2")
+    assert run.state == "success", run.log
+    (pod,) = run.pods
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["ER_ES_URL"] == "https://es.search.svc.cluster.local:9200"
+    assert "ER_APP_TOKEN" not in env  # the steps never call the app
+
+
 def test_the_pods_log_lines_reach_the_task_log(launch):
     run = launch("v2")
     assert run.lines

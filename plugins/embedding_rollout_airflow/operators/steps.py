@@ -11,6 +11,7 @@ from airflow.providers.standard.hooks.subprocess import SubprocessHook
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from ..hooks.elasticsearch import elasticsearch_step_env
 from ..runtime import KUBERNETES, Runtime
 
 
@@ -33,7 +34,8 @@ class LocalStepOperator(BaseOperator):
 
     def execute(self, context):
         command = [sys.executable, "-m", "embedding_rollout.cli", *map(str, self.arguments)]
-        result = self.subprocess_hook.run_command(command, env={**os.environ, **(self.env or {})}, cwd=os.getcwd())
+        env = {**os.environ, **(self.env or {}), **elasticsearch_step_env()}
+        result = self.subprocess_hook.run_command(command, env=env, cwd=os.getcwd())
         if result.exit_code != 0:
             raise AirflowException(f"`embedding-rollout {' '.join(map(str, self.arguments))}` exited {result.exit_code}")
 
@@ -57,6 +59,14 @@ def step_pod_operator_class():
 
     class StepPodOperator(KubernetesPodOperator):
         template_fields: Sequence[str] = tuple(f for f in KubernetesPodOperator.template_fields if f != "env_vars")
+
+        def execute(self, context):
+            # Elasticsearch from its Airflow Connection, read when the step runs, not at parse time.
+            from kubernetes.client import models as k8s
+            overrides = elasticsearch_step_env()
+            self.env_vars = [v for v in self.env_vars or [] if v.name not in overrides] + \
+                [k8s.V1EnvVar(name=k, value=v) for k, v in overrides.items()]
+            return super().execute(context)
 
         # Where the provider itself hooks rendering: a mapped task never calls render_template_fields.
         def _do_render_template_fields(self, parent, template_fields, context, jinja_env, seen_oids) -> None:
