@@ -441,3 +441,18 @@ def test_a_local_step_reaches_elasticsearch_through_its_airflow_connection(model
         assert f"{prefix}-v1" in store.indices()
     finally:
         store.drop_index(f"{prefix}-v1")
+
+
+def test_an_issuer_whose_keys_cannot_be_fetched_gets_a_503_not_a_refusal(live, monkeypatch):
+    """Not the caller's fault: 503 with Retry-After, and static tokens keep working."""
+    monkeypatch.setenv("ER_JWT_ISSUER", "https://issuer.test")
+    monkeypatch.setenv("ER_JWT_JWKS_URL", f"http://127.0.0.1:{free_port()}/keys")  # nothing listens
+    server = AppServer(create_app(Settings())).start()
+    try:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        token = _jwt(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        reply = requests.get(f"{server.url}/deployment", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert reply.status_code == 503 and reply.headers["Retry-After"], reply.text
+        assert requests.get(f"{server.url}/deployment", headers=OPERATE, timeout=30).status_code == 200
+    finally:
+        server.stop()
