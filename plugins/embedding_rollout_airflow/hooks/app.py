@@ -40,7 +40,7 @@ def _from_connection(conn) -> AppEndpoint:
     return AppEndpoint(url, conn.password or None, token_file)
 
 
-def _from_environment() -> AppEndpoint:
+def default_endpoint() -> AppEndpoint:
     from embedding_rollout.auth import InvalidTokenFile, token_for
     from embedding_rollout.config import Settings
     token = os.environ.get("ER_APP_TOKEN")
@@ -66,11 +66,11 @@ class AppHook(BaseHook):
         try:
             return _from_connection(self.get_connection(self.app_conn_id))
         except AirflowNotFoundException:
-            return _from_environment()
+            return default_endpoint()
 
     async def aendpoint(self) -> AppEndpoint:
         """The same, from a trigger: the async lookup does not block the triggerer's loop."""
         try:
             return _from_connection(await self.aget_connection(self.app_conn_id))
         except AirflowNotFoundException:
-            return _from_environment()
+            return default_endpoint()

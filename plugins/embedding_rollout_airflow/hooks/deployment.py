@@ -15,7 +15,7 @@ from embedding_rollout.model.repository import ModelNotFound, catalogue, find
 from embedding_rollout.pipeline.indexing import Checkpoint
 from embedding_rollout.statestore import checkpoint_slot, open_state
 
-from .app import AppEndpoint, AppHook, _from_environment
+from .app import AppEndpoint, AppHook, default_endpoint
 
 
 class DeploymentStateError(RuntimeError):
@@ -71,7 +71,7 @@ class AppDeploymentHook(BaseHook):
                  app_conn_id: str = AppHook.default_conn_name):
         super().__init__()
         # A URL without a token takes the local default's token (tests, tools next to the stack).
-        self._given = AppEndpoint(app_url.rstrip("/"), token or _from_environment().token) if app_url else None
+        self._given = AppEndpoint(app_url.rstrip("/"), token or default_endpoint().token) if app_url else None
         self.app_conn_id, self.timeout = app_conn_id, timeout
 
     def endpoint(self) -> AppEndpoint:
