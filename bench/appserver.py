@@ -41,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from embedding_rollout.statestore import DecisionLog  # noqa: E402
 from embedding_rollout.domain.state import StateFile  # noqa: E402
 from embedding_rollout.service import EmbeddingService  # noqa: E402
+from embedding_rollout.auth import ensure_tokens_file  # noqa: E402
 from serving_app import AppServer, create_app  # noqa: E402
 
 now = time.perf_counter
@@ -466,7 +467,11 @@ def main() -> None:
 
     service = EmbeddingService(StateFile(Path(args.state)), open_store(args), protocol=args.protocol,
                                timeout=args.timeout)
-    decisions = DecisionLog(Path(tempfile.mkdtemp(prefix="er-bench-decisions-")) / "decisions.jsonl")
+    scratch = Path(tempfile.mkdtemp(prefix="er-bench-decisions-"))
+    decisions = DecisionLog(scratch / "decisions.jsonl")
+    # Search is public; the app still signs each answer's feedback reference, with this file's key.
+    os.environ.setdefault("ER_TOKENS", str(scratch / "tokens.json"))
+    ensure_tokens_file(Path(os.environ["ER_TOKENS"]))
     probe, profiler = Probe(), ThreadProfiler()
     install_service_probes(service)
     if args.variant == "asyncapp":

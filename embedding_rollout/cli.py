@@ -162,6 +162,25 @@ def demo(settings: Settings, step_percent, interval, port, airflow_port, fast, k
     sys.exit(0 if run_demo(settings, step_percent, interval, port, airflow_port, verbose, fast, keep_running) else 1)
 
 
+# -- corpus ----------------------------------------------------------------------------------
+@main.group()
+def corpus():
+    """The corpus the backfills read (ER_CORPUS, default data/corpus.jsonl.gz)."""
+
+
+@corpus.command("synth")
+@click.option("--documents", required=True, type=click.IntRange(1, 2_000_000_000), help="How many documents.")
+@click.option("--seed", default=0, show_default=True, type=int, help="The same seed gives the same corpus.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write (gzipped JSON lines when it ends in .gz); then set ER_CORPUS to it.")
+def corpus_synth(documents, seed, output):
+    """Write a corpus of DOCUMENTS derived from the real one: the real documents first, then seeded
+    variations of them (same categories, nearby dates, the corpus's own sentences)."""
+    from .corpus import synthesize, write_corpus
+    written = write_corpus(synthesize(documents, seed), output)
+    click.echo(f"{written} documents in {output} (seed {seed}); use it with ER_CORPUS={output}")
+
+
 # -- tokens ----------------------------------------------------------------------------------
 @main.group()
 def tokens():

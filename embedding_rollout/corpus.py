@@ -7,11 +7,13 @@ The snapshot lives in ``data/`` (built by ``scripts/build_corpus.py``; see ``dat
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import date as _date
+from datetime import date as _date, timedelta
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -102,3 +104,57 @@ def recall_at_k(ranked: dict[str, list[str]], queries: Iterable[Query], k: int =
     """Mean over queries of |top-k ∩ relevant| / |relevant|; ``ranked`` maps query id → doc ids."""
     scores = [len(set(ranked.get(q.id, [])[:k]) & set(q.relevant)) / len(q.relevant) for q in queries]
     return sum(scores) / len(scores) if scores else 0.0
+
+
+# -- a corpus of any size ------------------------------------------------------------------------
+def synthesize(documents: int, seed: int, source: str | os.PathLike[str] | None = None) -> Iterator[Document]:
+    """``documents`` documents derived from the real corpus, the same for the same seed.
+
+    The real documents come first, in file order (all of them once ``documents`` reaches the corpus
+    size). Each further round takes every real document once more, in a seeded order, as a
+    variation: the same category (so filters keep the real distribution), a date a few weeks off in
+    the same year (so date filters select alike), and its text joined with the first sentence of
+    another entry of that category (so embeddings stay in the corpus's language). The id is the
+    real one with ``~rN`` appended: unique, and valid wherever an id is.
+    """
+    if documents < 0:
+        raise ValueError(f"documents must be >= 0, got {documents}")
+    base = list(load_documents(source))
+    by_category: dict[str, list[Document]] = {}
+    for doc in base:
+        by_category.setdefault(doc.category, []).append(doc)
+    yield from base[:documents]
+    made, round_ = min(documents, len(base)), 0
+    while made < documents:
+        round_ += 1
+        order = list(range(len(base)))
+        random.Random(f"{seed}:order:{round_}").shuffle(order)
+        for position in order[:documents - made]:
+            yield _variation(base[position], by_category[base[position].category],
+                             random.Random(f"{seed}:{round_}:{position}"), round_)
+        made += min(len(order), documents - made)
+
+
+def _variation(doc: Document, same_category: list[Document], rng: random.Random, round_: int) -> Document:
+    other = rng.choice(same_category)
+    day = _date.fromisoformat(doc.date)
+    shifted = day + timedelta(days=rng.randint(-30, 30))
+    if shifted.year != day.year:
+        shifted = day
+    addition = other.title.removesuffix(" …")
+    return Document(id=f"{doc.id}~r{round_}", title=doc.title, text=f"{doc.text} {addition}",
+                    category=doc.category, date=shifted.isoformat())
+
+
+def write_corpus(docs: Iterable[Document], path: str | os.PathLike[str]) -> int:
+    """Write ``docs`` as a corpus file (gzipped JSON lines when the name ends in .gz); their count."""
+    path, count = Path(path), 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw:
+        # No name or time in the gzip header: the same documents give the same bytes.
+        binary = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.suffix == ".gz" else raw
+        with io.TextIOWrapper(binary, encoding="utf-8") as out:
+            for doc in docs:
+                out.write(json.dumps(doc.to_dict(), ensure_ascii=False) + "\n")
+                count += 1
+    return count

@@ -123,3 +123,44 @@ def test_build_script_is_importable_and_pure_stdlib():
         cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--deb" in out.stdout
+
+
+# -- a corpus of any size ------------------------------------------------------------------------
+def _synth(tmp_path: Path, documents: int, seed: int) -> tuple[Path, list[Document]]:
+    path = tmp_path / f"synth-{documents}-{seed}.jsonl.gz"
+    done = subprocess.run([sys.executable, "-m", "embedding_rollout.cli", "corpus", "synth", "--documents",
+                           str(documents), "--seed", str(seed), "--output", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{documents} documents in {path}" in done.stdout
+    return path, list(corpus.load_documents(path))
+
+
+def test_a_synthetic_corpus_is_the_real_one_then_seeded_variations_of_it(docs, tmp_path):
+    import hashlib
+    import re
+    size = 2 * len(docs) + 1234
+    path, synth = _synth(tmp_path, size, seed=7)
+    assert len(synth) == size and len({d.id for d in synth}) == size
+    assert synth[:len(docs)] == docs  # the real documents first, unchanged
+    assert all(re.fullmatch(r"[A-Za-z0-9._:~-]{1,128}", d.id) for d in synth)  # the API's id pattern
+    real = {d.id: d for d in docs}
+    for doc in synth[len(docs):]:
+        original = real[doc.id.rsplit("~r", 1)[0]]
+        assert doc.category == original.category and doc.title == original.title
+        assert doc.text.startswith(original.text) and doc.text != original.text
+        assert date.fromisoformat(doc.date).year == date.fromisoformat(original.date).year
+        assert abs((date.fromisoformat(doc.date) - date.fromisoformat(original.date)).days) <= 30
+    # Each round holds every real document once: the category mix is the corpus's.
+    second = Counter(d.category for d in synth[len(docs):2 * len(docs)])
+    assert second == Counter(d.category for d in docs)
+    again, _ = _synth(tmp_path / "again", size, seed=7)
+    other, differently = _synth(tmp_path / "other", size, seed=8)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(again) == digest(path)  # the same seed, the same bytes
+    assert differently[:len(docs)] == docs and differently[len(docs):] != synth[len(docs):]
+
+
+def test_a_synthetic_corpus_smaller_than_the_real_one_is_its_beginning(docs, tmp_path):
+    _, synth = _synth(tmp_path, 500, seed=1)
+    assert synth == docs[:500]
