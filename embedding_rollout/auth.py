@@ -21,9 +21,12 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import jwt
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,21 @@ def parse_subject_scopes(text: str) -> dict[str, frozenset[str]]:
     return mapping
 
 
+class JwksClient(jwt.PyJWKClient):
+    """pyjwt's JWKS client, presenting the token in ``token_file`` when it fetches: the API
+    server's JWKS needs a caller too, the pod's own token, which the kubelet rotates (read at
+    every fetch)."""
+
+    def __init__(self, uri: str, token_file: str | None, **kwargs):
+        super().__init__(uri, **kwargs)
+        self.token_file = token_file
+
+    def fetch_data(self):
+        if self.token_file:
+            self.headers = {**(self.headers or {}), "Authorization": f"Bearer {Path(self.token_file).read_text().strip()}"}
+        return super().fetch_data()
+
+
 class JwtTokens:
     """JWTs signed by the issuer's keys (JWKS at ``jwks_url``, fetched and cached by pyjwt)."""
 
@@ -143,19 +161,11 @@ class JwtTokens:
 
     def __init__(self, issuer: str, jwks_url: str, audience: str, subject_scopes: dict[str, frozenset[str]] | None = None,
                  ca_file: str | None = None, token_file: str | None = None):
-        import ssl
-
-        import jwt
-        self._jwt = jwt
         self.issuer, self.audience, self.subject_scopes = issuer, audience, subject_scopes or {}
         context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        headers = {}
-        if token_file:  # the API server's JWKS needs a caller too: the pod's own token
-            headers["Authorization"] = f"Bearer {Path(token_file).read_text().strip()}"
-        self._keys = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, headers=headers, ssl_context=context)
+        self._keys = JwksClient(jwks_url, token_file, cache_keys=True, lifespan=300, ssl_context=context)
 
     def verify(self, token: str) -> Caller | None:
-        jwt = self._jwt
         try:
             key = self._keys.get_signing_key_from_jwt(token)
         except jwt.PyJWKClientConnectionError as exc:
@@ -168,11 +178,8 @@ class JwtTokens:
         except jwt.PyJWTError:
             return None
         granted = claims.get("scope", claims.get("scp", ""))
-        try:
-            scopes = _parse_scopes([s for s in (granted.split() if isinstance(granted, str) else granted)
-                                    if s in SCOPES])
-        except InvalidTokenFile:
-            return None
+        listed = granted.split() if isinstance(granted, str) else granted if isinstance(granted, list) else []
+        scopes = frozenset(s for s in listed if s in SCOPES)  # an issuer's other scopes mean nothing here
         return Caller(claims["sub"], scopes | self.subject_scopes.get(claims["sub"], frozenset()))
 
 

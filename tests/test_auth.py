@@ -354,6 +354,8 @@ def test_jwts_are_checked_against_the_issuers_keys(issuer):
     assert verifier.verify(_jwt(key)).scopes == {auth.ROLLOUT_OPERATE}  # from the subject's mapping
     assert verifier.verify(_jwt(key, sub="someone", scope="documents:write")).scopes == {auth.DOCUMENTS_WRITE}
     assert verifier.verify(_jwt(key, sub="someone")).scopes == frozenset()
+    assert verifier.verify(_jwt(key, sub="someone", scp=["feedback:write", "email"])).scopes == {auth.FEEDBACK_WRITE}
+    assert verifier.verify(_jwt(key, sub="someone", scope=7)).scopes == frozenset()  # a malformed claim grants nothing
     for refused in (_jwt(key, aud="another-service"), _jwt(key, iss="https://elsewhere.test"),
                     _jwt(key, exp=int(time.time()) - 60), _jwt(key, sub=None), _jwt(key, exp=None)):
         assert verifier.verify(refused) is None
