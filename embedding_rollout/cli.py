@@ -13,6 +13,7 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .config import Settings  # noqa: E402
+from .domain.slices import DOCS_PER_SLICE, MAX_SLICES  # noqa: E402
 from .domain.traffic import InvalidWeights  # noqa: E402
 from .domain.versions import InvalidVersion, parse_version  # noqa: E402
 
@@ -306,13 +307,31 @@ def index_create(settings: Settings, version):
               help="'corpus' (the snapshot) or a deployed version whose index to re-embed, e.g. v1.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Checkpoint file to resume from (default: $ER_HOME/checkpoints/<version>-from-<source>.json).")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 4096),
+              help="Documents per generator call and per bulk write (the next batch is embedded while one is written).")
+@click.option("--slice", "slice_number", type=click.IntRange(1, MAX_SLICES), default=None,
+              help="Load only this slice of the plan (`index plan`), with its own checkpoint; run one per slice, "
+                   "in parallel.")
 @click.pass_obj
-def index_load(settings: Settings, version, source, checkpoint, batch_size):
+def index_load(settings: Settings, version, source, checkpoint, batch_size, slice_number):
     """Step 3: embed every source document with the version's generator into its index (resumable)."""
     from .steps import backfill
-    result = backfill(settings, version, source, checkpoint, batch_size)
+    result = backfill(settings, version, source, checkpoint, batch_size, slice_number)
     _print(vars(result))
+
+
+@index.command("plan")
+@VERSION
+@click.option("--source", default="corpus", show_default=True,
+              help="'corpus' or the deployed version whose index the backfill reads, e.g. v1.")
+@click.option("--slices", type=click.IntRange(1, MAX_SLICES), default=None,
+              help=f"How many slices (default: one per {DOCS_PER_SLICE:,} source documents).")
+@click.pass_obj
+def index_plan(settings: Settings, version, source, slices):
+    """Split a backfill into id-range slices for `index load --slice N` (kept; idempotent)."""
+    from .steps import plan_backfill
+    plan = plan_backfill(settings, version, source, slices)
+    _print({**plan.to_json(), "ranges": [plan.range(k).describe() for k in range(1, plan.slices + 1)]})
 
 
 @index.command("repair")

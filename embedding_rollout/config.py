@@ -16,9 +16,10 @@ class Settings:
     model_name: str = field(default_factory=lambda: _env("ER_MODEL_NAME", "embedder"))
     store: str = field(default_factory=lambda: _env("ER_STORE", "lance"))  # lance | elasticsearch
     es_url: str = field(default_factory=lambda: _env("ER_ES_URL", "http://127.0.0.1:9200"))
-    # Per version's index. One shard holds tens of millions of 48-dim vectors; replicas >= 1 in any
-    # cluster with more than one node (the prod overlay), 0 on a single node (local, tests).
-    es_shards: int = field(default_factory=lambda: int(_env("ER_ES_SHARDS", "1")))
+    # Per version's index: a number, or `auto` (one shard per 10 M documents of the version it
+    # replaces); replicas >= 1 in any cluster with more than one node (the prod overlay), 0 on a
+    # single node (local, tests).
+    es_shards: str = field(default_factory=lambda: _env("ER_ES_SHARDS", "auto"))
     es_replicas: int = field(default_factory=lambda: int(_env("ER_ES_REPLICAS", "0")))
     index_prefix: str = field(default_factory=lambda: _env("ER_INDEX_PREFIX", "docs"))
     generator_grpc: str = field(default_factory=lambda: _env("ER_GENERATOR_GRPC", "127.0.0.1:8500"))
@@ -50,6 +51,8 @@ class Settings:
     apis: str = field(default_factory=lambda: _env("ER_APP_APIS", "public,operator"))
     generator_template: Path = field(default_factory=lambda: Path(_env("ER_GENERATOR_TEMPLATE", str(
         Path(__file__).resolve().parent.parent / "k8s" / "generator-version-template"))))
+    # LanceDB: a table this large after a bulk load gets an approximate vector index (rows).
+    lance_ann_threshold: int = field(default_factory=lambda: int(_env("ER_LANCE_ANN_THRESHOLD", "100000")))
 
     @property
     def drain_seconds(self) -> float:

@@ -12,6 +12,7 @@ precondition is missing before the step changes anything.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -85,7 +86,8 @@ def deploy_version(settings: Settings, version: str, run_id: str = "", artifact:
     spec = version_spec(settings, version, run_id)
     generators(settings).deploy(version)
     created = open_store(settings).create_index(
-        spec.index, spec.dims, {"model_version": version, "run_id": run_id, "model_name": spec.model_name})
+        spec.index, spec.dims, {"model_version": version, "run_id": run_id, "model_name": spec.model_name,
+                                "expected_documents": str(expected_documents(settings))})
     log.info("index %s %s (dims %d)", spec.index, "created" if created else "already exists", spec.dims)
     current = state_file(settings).read().versions.get(version)
     if current is not None and current.dims != spec.dims:
@@ -93,21 +95,35 @@ def deploy_version(settings: Settings, version: str, run_id: str = "", artifact:
     return state_file(settings).update(lambda s: s if current else s.with_version(spec))
 
 
+def expected_documents(settings: Settings) -> int:
+    """What a new version's index will hold: the stable version's documents, or the corpus's."""
+    stable = state_file(settings).read().stable
+    if stable:
+        return open_store(settings).count(state_file(settings).read().spec(stable).index)
+    from .corpus import load_documents
+    return sum(1 for _ in load_documents())
+
+
 def start_dual_write(settings: Settings, version: str) -> DeploymentState:
     """Step 2: every streaming update after this point is also written to ``version``."""
     return state_file(settings).update(lambda s: s.with_write_target(version))
 
 
-def _source(settings: Settings, source: str, state: DeploymentState | None = None):
+def _source(settings: Settings, source: str, state: DeploymentState | None = None, id_range=None):
     """Documents to index, as a keyset source (``after`` -> documents above it in id order) and
     their count: ``corpus`` (the snapshot), or a version whose index is the source (its
-    tombstones included: the new index must block old writes exactly as the source does)."""
+    tombstones included: the new index must block old writes exactly as the source does).
+    ``id_range``: only that slice of it."""
+    from .domain.slices import IdRange
     from .pipeline.indexing import corpus_source
+    start, upto = (id_range or IdRange()).after, (id_range or IdRange()).upto
     if source == "corpus":
-        return corpus_source, None
+        return (lambda after: corpus_source(after if after is not None else start, upto=upto)), None
     store = open_store(settings)
     index = (state or state_file(settings).read()).spec(source).index
-    return (lambda after: store.scan(index, include_deleted=True, after=after)), (lambda: store.count(index))
+    return ((lambda after: store.scan(index, include_deleted=True, after=after if after is not None else start,
+                                      upto=upto)),
+            (lambda: store.count(index)))
 
 
 def _embedder(settings: Settings, spec: VersionSpec, batch_size: int):
@@ -118,32 +134,100 @@ def _embedder(settings: Settings, spec: VersionSpec, batch_size: int):
 
 
 def backfill(settings: Settings, version: str, source: str, checkpoint: Path | None = None,
-             batch_size: int = 256):
+             batch_size: int = 256, slice_number: int | None = None):
     """Step 3: embed every source document with ``version``'s generator into its index, then
-    repair what the live writes missed meanwhile."""
+    repair what the live writes missed meanwhile. ``slice_number``: only that slice of the plan
+    (``plan_backfill``), with its own checkpoint; the version counts as backfilled once every
+    slice is done."""
     from .pipeline.indexing import load_index
-    checkpoint = checkpoint or checkpoint_slot(settings, version, source)
     state = state_file(settings).read()
     spec = state.spec(version)
     lifecycle.backfilled(version, spec.phase)  # refused before any work when the version may not be loaded
-    documents, count = _source(settings, source, state)
-    total = count() if count else None
-    loaded = load_index(documents, open_store(settings), spec.index, _embedder(settings, spec, batch_size),
-                        total=total, batch_size=batch_size, checkpoint_path=checkpoint,
-                        label=f"backfill {version} from {source}")
+    plan = id_range = None
+    if slice_number is not None:
+        plan = backfill_plan(settings, version, source)
+        id_range = plan.range(slice_number)
+        checkpoint = checkpoint or checkpoint_slot(settings, version, source, part=slice_part(slice_number, plan))
+    checkpoint = checkpoint or checkpoint_slot(settings, version, source)
+    documents, count = _source(settings, source, state, id_range)
+    label = f"backfill {version} from {source}" + (f", slice {slice_number} of {plan.slices} "
+                                                   f"{id_range.describe()}" if plan else "")
+    store = open_store(settings)
+    loaded = load_index(documents, store, spec.index, _embedder(settings, spec, batch_size),
+                        total=None if plan or not count else count(), batch_size=batch_size,
+                        checkpoint_path=checkpoint, label=label, id_range=id_range, end_load=plan is None)
     if source != "corpus":
-        repair(settings, version, source, batch_size)
-    state_file(settings).update(lambda s: s.with_backfill(version))
+        repair(settings, version, source, batch_size, id_range)
+    if plan is None or _every_slice_done(settings, plan, spec.index):
+        if plan is not None:
+            store.end_bulk_load(spec.index)  # the last slice to end restores the serving settings
+        state_file(settings).update(lambda s: s.with_backfill(version))
     return loaded
 
 
-def repair(settings: Settings, version: str, source: str, batch_size: int = 256):
+def slice_part(slice_number: int, plan) -> str:
+    return f"slice-{slice_number}-of-{plan.slices}"
+
+
+def _every_slice_done(settings: Settings, plan, index: str) -> bool:
+    """Each slice saves its "done" before it asks: the last one to end sees them all."""
+    from .pipeline.indexing import Checkpoint
+    return all(Checkpoint.load(checkpoint_slot(settings, plan.version, plan.source, part=slice_part(k, plan)),
+                               index, plan.range(k)).done for k in range(1, plan.slices + 1))
+
+
+def plan_backfill(settings: Settings, version: str, source: str, slices: int | None = None):
+    """Split the backfill of ``version`` from ``source`` into ``slices`` id ranges (default: from
+    the source's size) and keep the plan with its checkpoints. A plan already there with that
+    many slices is kept: slices running or resumed on it must see the same ranges."""
+    from .domain.slices import BackfillPlan, check_slices, default_slices, split_points
+    slot = checkpoint_slot(settings, version, source, part="plan")
+    existing = _read_plan(slot)
+    if existing and (slices is None or existing.slices == slices):
+        return existing
+    state = state_file(settings).read()
+    lifecycle.backfilled(version, state.spec(version).phase)  # the plan is for a load the version may take
+    ids, documents = _source_ids(settings, source, state)
+    slices = default_slices(documents) if slices is None else check_slices(slices)
+    plan = BackfillPlan(version, source, slices, tuple(split_points(ids, slices)), documents)
+    slot.write(json.dumps(plan.to_json()), final=True)
+    log.info("backfill of %s from %s in %d slices, split at %s", version, source, slices, list(plan.points))
+    return plan
+
+
+def backfill_plan(settings: Settings, version: str, source: str):
+    plan = _read_plan(checkpoint_slot(settings, version, source, part="plan"))
+    if plan is None:
+        raise RuntimeError(f"no plan for the backfill of {version} from {source}: run "
+                           f"`embedding-rollout index plan --version {version} --source {source}` first")
+    return plan
+
+
+def _read_plan(slot):
+    from .domain.slices import BackfillPlan
+    text = slot.read()
+    return BackfillPlan.from_json(json.loads(text)) if text else None
+
+
+def _source_ids(settings: Settings, source: str, state: DeploymentState) -> tuple[list[str], int]:
+    """A sorted sample of the source's ids (plenty for the quantiles of 16 slices), and its size."""
+    if source == "corpus":
+        from .corpus import load_documents
+        ids = sorted(d.id for d in load_documents())
+        return ids, len(ids)
+    store, index = open_store(settings), state.spec(source).index
+    return store.sample_ids(index, 5_000), store.count(index)
+
+
+def repair(settings: Settings, version: str, source: str, batch_size: int = 256, id_range=None):
     """Write into ``version``'s index every document (and delete) of ``source``'s that it lacks or
-    holds at an older version: the writes it missed as a candidate write target."""
+    holds at an older version: the writes it missed as a candidate write target. ``id_range``:
+    only that slice of the source."""
     from .pipeline.indexing import repair_index
     state = state_file(settings).read()
     spec, store = state.spec(version), open_store(settings)
-    documents = store.scan(state.spec(source).index, include_deleted=True)
+    after, upto = (id_range.after, id_range.upto) if id_range else (None, None)
+    documents = store.scan(state.spec(source).index, include_deleted=True, after=after, upto=upto)
     return repair_index(documents, store, spec.index, _embedder(settings, spec, batch_size), batch_size)
 
 

@@ -188,6 +188,19 @@ def backfill_checkpoint(version: str, source: str):
     return asdict(checkpoint), 200, JSON
 
 
+def index_size(version: str):
+    ctx = _ctx()
+    state = ctx.service.state()
+    if version not in state.versions:
+        return problem(404, "Not Found", f"model version {version} is not deployed")
+    index = state.versions[version].index
+    try:
+        documents = ctx.service.store.count(index)
+    except (StoreUnavailable, IndexNotFound) as exc:
+        return problem(503, "Store Unavailable", str(exc), {"Retry-After": "1"})
+    return {"version": version, "index": index, "documents": documents}, 200, JSON
+
+
 def list_models():
     return catalogue(_ctx().settings.model_dir), 200, JSON
 

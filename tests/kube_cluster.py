@@ -331,6 +331,14 @@ def reset_generators(cluster: KubeCluster) -> None:
     if "embedding-generator-v1" not in generator_deployments(cluster):  # a rollout test removed it
         cluster.apply([o for o in raw_base() if (o["kind"], o["metadata"]["name"]) ==
                        ("Deployment", "embedding-generator-v1")])
+    autoscaling = client.AutoscalingV2Api(cluster.admin)
+    autoscalers = {h.metadata.name for h in autoscaling.list_namespaced_horizontal_pod_autoscaler(
+        NAMESPACE, label_selector="app=embedding-generator").items}
+    if "embedding-generator-v1" not in autoscalers:
+        cluster.apply([o for o in raw_base() if (o["kind"], o["metadata"]["name"]) ==
+                       ("HorizontalPodAutoscaler", "embedding-generator-v1")])
+    for name in autoscalers - {"embedding-generator-v1"}:
+        autoscaling.delete_namespaced_horizontal_pod_autoscaler(name, NAMESPACE)
     apps = client.AppsV1Api(cluster.admin)
     for name in generator_deployments(cluster):
         if name != "embedding-generator-v1":

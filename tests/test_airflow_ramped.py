@@ -27,11 +27,17 @@ def assert_rolled_back(live, current: str, new: str) -> None:
 
 def test_a_four_step_ramp_through_the_scheduler(live):
     current, new = live.versions()
-    conf = {"new_version": new, "step_percent": 25, "step_interval_seconds": 12, "min_requests": 5}
+    conf = {"new_version": new, "step_percent": 25, "step_interval_seconds": 12, "min_requests": 5,
+            "backfill_slices": 2}
     with live.traffic() as record:
         run_id = live.trigger(DAG, conf)
         run = live.wait(DAG, run_id)
     assert run["state"] == "success", live.explain(DAG, run_id)
+    states = live.states(DAG, run_id)
+    # The backfill ran as two mapped tasks, one per slice, then one verification covered both.
+    assert states["backfill[0]"] == states["backfill[1]"] == "success" and "backfill[2]" not in states
+    assert states["plan_backfill"] == states["verify_backfill"] == "success"
+    assert live.api.xcom(DAG, run_id, "backfill_slices")[1][-2:] == ["--slice", "2"]
     assert record.failures == []
     assert rises(record.weights_seen, new) == [0, 25, 50, 75, 100]
     assert {r["version"] for r in record.responses} == {current, new}
@@ -45,7 +51,6 @@ def test_a_four_step_ramp_through_the_scheduler(live):
     assert [s["status"] for s in steps] == ["Successful"] * 4
     assert all(s["new"]["requests"] >= 5 for s in steps)
     assert live.check_consistency(record) > 10
-    states = live.states(DAG, run_id)
     assert states["conclude_rollout"] == "success" and states["finish_rollout"] == "success"
     assert states["ask_about_step"] == "skipped"
 

@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from embedding_rollout.domain.state import StateFile, VersionSpec
+from embedding_rollout.store.base import StoredDocument
+from embedding_rollout.store.lance import LanceStore
 from embedding_rollout_airflow.conf import InvalidConf, resolve_conf
 from embedding_rollout_airflow.hooks.deployment import LocalDeploymentHook
 from conftest import serving
@@ -24,14 +27,26 @@ def home(tmp_path, monkeypatch):
 
 
 BASE = {"new_version": "v2", "current_version": None, "model_artifact": None, "step_percent": 25,
-        "weights": None, "max_error_rate": 0.05, "max_p99_ratio": 2.0, "min_requests": 20}
+        "weights": None, "max_error_rate": 0.05, "max_p99_ratio": 2.0, "min_requests": 20, "backfill_slices": 3}
 
 
 def test_a_valid_conf_is_resolved(home):
     conf = resolve_conf(BASE, LocalDeploymentHook())
     assert conf["current_version"] == "v1" and conf["plan"] == [25, 50, 75, 100]
-    assert conf["model_artifact"].endswith("embedder/2")
+    assert conf["model_artifact"].endswith("embedder/2") and conf["backfill_slices"] == 3
     assert resolve_conf({**BASE, "weights": [5, 50, 100]}, LocalDeploymentHook())["plan"] == [5, 50, 100]
+
+
+def test_the_default_backfill_slices_come_from_the_current_index_and_its_absence_is_named(home, monkeypatch):
+    from embedding_rollout.domain import slices
+    with pytest.raises(InvalidConf, match="cannot count the documents of v1's index"):
+        resolve_conf({**BASE, "backfill_slices": None}, LocalDeploymentHook())
+    store = LanceStore(str(home / "lancedb"))
+    store.create_index("docs-v1", 8, {"model_version": "v1"})
+    store.bulk_write("docs-v1", [StoredDocument(f"d{i}", 1, {"title": "t"}, np.ones(8, np.float32)) for i in range(5)])
+    assert resolve_conf({**BASE, "backfill_slices": None}, LocalDeploymentHook())["backfill_slices"] == 1
+    monkeypatch.setattr(slices, "DOCS_PER_SLICE", 2)
+    assert resolve_conf({**BASE, "backfill_slices": None}, LocalDeploymentHook())["backfill_slices"] == 3
 
 
 @pytest.mark.parametrize("change,message", [
@@ -63,6 +78,8 @@ def ramped(dagbag):
     ({"new_version": "v2", "step_percent": 0}, "less than the minimum"),
     ({"new_version": "v2", "weights": [10, 120]}, "greater than the maximum"),
     ({"new_version": "v2", "max_error_rate": 2}, "greater than the maximum"),
+    ({"new_version": "v2", "backfill_slices": 0}, "less than the minimum"),
+    ({"new_version": "v2", "backfill_slices": 17}, "greater than the maximum"),
     ({}, "new_version"),
 ])
 def test_the_trigger_form_refuses_malformed_conf(ramped, home, conf, message):

@@ -62,19 +62,25 @@ def test_deploy_is_make_before_break_and_leaves_a_valid_routed_version(cluster, 
     fleet(cluster, confirm=confirm).deploy("v2")
 
     assert writes(cluster, mark) == [("create", "deployments", "embedding-generator-v2", 201),
+                                     ("create", "horizontalpodautoscalers", "embedding-generator-v2", 201),
                                      ("patch", "destinationrules", "embedding-generator", 200),
                                      ("patch", "virtualservices", "embedding-generator", 200)]
     assert confirmed == ["v2"]
     objects = generator_objects(cluster)
     check_generator_routing(objects, {"v1", "v2"})
     created = generator_deployments(cluster)["embedding-generator-v2"]
-    expected = yaml.safe_load(render((TEMPLATES / "generator.yaml").read_text(), "v2"))
+    expected, autoscaler = yaml.safe_load_all(render((TEMPLATES / "generator.yaml").read_text(), "v2"))
     assert created["spec"]["template"]["spec"]["containers"][0]["env"] == \
         expected["spec"]["template"]["spec"]["containers"][0]["env"]
     assert "versions: 2 }" in created["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"]
     # The real controllers made its ReplicaSet and pods; the pods carry the subset's labels.
     pods = client.CoreV1Api(cluster.admin).list_namespaced_pod(NAMESPACE, label_selector="version=v2").items
     assert len(pods) == 2 and all(p.metadata.owner_references[0].kind == "ReplicaSet" for p in pods)
+    # Its autoscaler targets it, from the replicas it started with (the backfill's load scales it out).
+    scaler = client.AutoscalingV2Api(cluster.admin).read_namespaced_horizontal_pod_autoscaler(
+        "embedding-generator-v2", NAMESPACE)
+    assert scaler.spec.scale_target_ref.name == "embedding-generator-v2" == autoscaler["spec"]["scaleTargetRef"]["name"]
+    assert scaler.spec.min_replicas == created["spec"]["replicas"] == 2 < scaler.spec.max_replicas
 
 
 def test_deploy_twice_changes_nothing_the_second_time(cluster):
@@ -83,7 +89,8 @@ def test_deploy_twice_changes_nothing_the_second_time(cluster):
     mark = cluster.audit_mark()
     fleet(cluster).deploy("v2")
     assert generator_objects(cluster) == before
-    assert writes(cluster, mark) == [("create", "deployments", "embedding-generator-v2", 409)]  # AlreadyExists, nothing else
+    assert writes(cluster, mark) == [("create", "deployments", "embedding-generator-v2", 409),  # AlreadyExists
+                                     ("create", "horizontalpodautoscalers", "embedding-generator-v2", 409)]
 
 
 def test_a_version_whose_pods_never_get_ready_is_never_routed(cluster):
@@ -115,6 +122,7 @@ def test_remove_is_routes_first_and_leaves_the_other_version_untouched(cluster):
     fleet(cluster).remove("v2")
     assert writes(cluster, mark) == [("patch", "virtualservices", "embedding-generator", 200),
                                      ("patch", "destinationrules", "embedding-generator", 200),
+                                     ("delete", "horizontalpodautoscalers", "embedding-generator-v2", 200),
                                      ("delete", "deployments", "embedding-generator-v2", 200)]
     wait_until(lambda: "embedding-generator-v2" not in generator_deployments(cluster), 30, "v2 deleted")
     check_generator_routing(generator_objects(cluster), {"v1"})
@@ -122,7 +130,8 @@ def test_remove_is_routes_first_and_leaves_the_other_version_untouched(cluster):
     assert (v1_after["spec"], v1_after["metadata"]["generation"]) == (v1_before["spec"], v1_before["metadata"]["generation"])
     mark = cluster.audit_mark()
     fleet(cluster).remove("v2")  # again: nothing to do, the 404 of the delete is fine
-    assert writes(cluster, mark) == [("delete", "deployments", "embedding-generator-v2", 404)]
+    assert writes(cluster, mark) == [("delete", "horizontalpodautoscalers", "embedding-generator-v2", 404),
+                                     ("delete", "deployments", "embedding-generator-v2", 404)]
 
 
 def test_a_concurrent_change_to_the_routes_is_retried_not_overwritten(cluster):
@@ -167,7 +176,8 @@ def test_the_deploy_and_remove_steps_use_the_cluster_fleet(cluster, tmp_path, mo
     settings = Settings()
     mark = cluster.audit_mark()
     steps.deploy_version(settings, "v1")  # v1 runs already: only registered
-    assert writes(cluster, mark) == [("create", "deployments", "embedding-generator-v1", 409)]
+    assert writes(cluster, mark) == [("create", "deployments", "embedding-generator-v1", 409),
+                                     ("create", "horizontalpodautoscalers", "embedding-generator-v1", 409)]
     state = steps.deploy_version(settings, "v2", run_id="run-1")
     assert state.versions["v2"].dims == 48
     check_generator_routing(generator_objects(cluster), {"v1", "v2"})

@@ -234,7 +234,10 @@ def test_every_manifest_file_validates(path):
 @pytest.mark.parametrize("version", ["v1", "v2", "v13"])
 def test_the_generator_template_validates_for_any_version(version):
     objects = template_objects(version)
-    assert [o["kind"] for o in objects] == ["Deployment"]  # one object per version: what the step creates
+    assert [o["kind"] for o in objects] == ["Deployment", "HorizontalPodAutoscaler"]  # what the step creates
+    assert objects[1]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                    "name": f"embedding-generator-{version}"}
+    assert objects[1]["spec"]["minReplicas"] <= objects[0]["spec"]["replicas"] <= objects[1]["spec"]["maxReplicas"]
     for obj in objects:
         validate(obj)
     deployment = objects[0]
@@ -545,7 +548,8 @@ def test_the_mesh_requires_a_jwt_with_the_scope_for_every_write_and_control_call
         return mesh_allows(policy, source, jwt_principal, set(scopes), method, request_path)
     writes = [("PUT", "/documents/d1"), ("DELETE", "/documents/d1"), ("POST", "/feedback")]
     control = [("PUT", "/deployment/weights"), ("POST", "/rollout/decisions"), ("POST", "/deployment/rollout"),
-               ("GET", "/deployment"), ("GET", "/rollout/decisions"), ("GET", "/deployment/backfills/v2")]
+               ("GET", "/deployment"), ("GET", "/rollout/decisions"), ("GET", "/deployment/backfills/v2"),
+               ("GET", "/deployment/indices/v1")]
     for method, request_path in writes + control:  # no JWT: no write, no control, from anywhere
         for source in (gateway, airflow, steps):
             assert not allows(source, None, [], method, request_path), (source, method, request_path)

@@ -32,9 +32,13 @@ def local_dags(airflow_db, monkeypatch):
 
 def test_kubernetes_runtime_renders_valid_pod_specs(kubernetes_dags):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    pods = 0
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+    pods = mapped = 0
     for dag_id in kubernetes_dags.dag_ids:
         for task in kubernetes_dags.get_dag(dag_id).tasks:
+            if isinstance(task, MappedOperator) and issubclass(task.operator_class, KubernetesPodOperator):
+                task = task.unmap({"arguments": ["index", "load", "--version", "v2", "--source", "v1", "--slice", "2"]})
+                mapped += 1
             if not isinstance(task, KubernetesPodOperator):
                 continue
             pod = ApiClient().sanitize_for_serialization(task.build_pod_request_obj(dry_run=True))
@@ -48,7 +52,7 @@ def test_kubernetes_runtime_renders_valid_pod_specs(kubernetes_dags):
             assert mounts == {"embedding-models": "/models"}  # no volume for state, checkpoints, decisions
             assert task.durable and task.on_finish_action.value == "delete_succeeded_pod"
             pods += 1
-    assert pods >= 10
+    assert pods >= 10 and mapped >= 2  # the backfill's slices: a pod each
 
 
 class XComOfBeginRollout:
@@ -56,7 +60,7 @@ class XComOfBeginRollout:
 
     def xcom_pull(self, task_ids=None, **_):
         assert task_ids == "begin_rollout"
-        return {"current_version": "v1", "model_artifact": "/models/embedder/2",
+        return {"current_version": "v1", "model_artifact": "/models/embedder/2", "backfill_slices": 2,
                 "thresholds": {"max_error_rate": 0.05, "max_p99_ratio": 1.5, "min_requests": 20}}
 
 

@@ -319,7 +319,7 @@ def test_prod_overlay_indices_keep_their_replica_after_a_bulk_load():
     assert int(config["ER_ES_REPLICAS"]) >= 1 and airflow["ER_ES_REPLICAS"] == config["ER_ES_REPLICAS"]
     elasticsearch_store()  # fails in CI, skips elsewhere, without the server
     store = ElasticsearchStore(ES_URL, timeout=10.0,
-                               replicas=int(config["ER_ES_REPLICAS"]), shards=int(config["ER_ES_SHARDS"]))
+                               replicas=int(config["ER_ES_REPLICAS"]), shards=config["ER_ES_SHARDS"])
     index = f"test-replicas-{uuid.uuid4().hex[:10]}"
     store.create_index(index, DIMS, {"model_version": "v9"})
     try:
@@ -348,6 +348,25 @@ def test_a_late_write_to_a_removed_index_fails_and_creates_nothing():
     assert store.drop_index(index) is False
 
 
+@pytest.mark.elasticsearch
+def test_auto_shards_follow_the_documents_the_index_is_created_for():
+    from embedding_rollout.store.elastic import DOCS_PER_SHARD, ElasticsearchStore, shards_for
+    assert shards_for(0) == shards_for(DOCS_PER_SHARD) == 1 and shards_for(DOCS_PER_SHARD + 1) == 2
+    assert shards_for(10 ** 12) == 32
+    elasticsearch_store()
+    created = {}
+    for expected, shards in ((None, "auto"), (2 * DOCS_PER_SHARD + 5, "auto"), (2 * DOCS_PER_SHARD + 5, "2")):
+        store, index = ElasticsearchStore(ES_URL, timeout=10.0, shards=shards), f"test-shards-{uuid.uuid4().hex[:10]}"
+        store.create_index(index, DIMS, {"model_version": "v9", **({"expected_documents": str(expected)}
+                                                                    if expected else {})})
+        try:
+            held = next(iter(store.client.indices.get_settings(index=index).values()))["settings"]["index"]
+            created[(expected, shards)] = int(held["number_of_shards"])
+        finally:
+            store.drop_index(index)
+    assert list(created.values()) == [1, 3, 2], created
+
+
 def test_a_lance_write_after_its_table_was_dropped_elsewhere_fails_and_recreates_nothing(tmp_path):
     """The app holds a handle to a candidate's table when a remove step (another process) drops it:
     a write that was in flight must fail (a missed candidate write), not bring the table back."""
@@ -360,3 +379,24 @@ def test_a_lance_write_after_its_table_was_dropped_elsewhere_fails_and_recreates
         app.upsert("docs-v2", doc(2, seq=3))
     assert "docs-v2" not in LanceStore(str(tmp_path)).indices()
     assert not (tmp_path / "docs-v2.lance").exists()
+
+
+def test_lance_fragments_stay_bounded_under_streaming_writes(tmp_path):
+    """Every streaming write adds a one-row fragment; the background compaction folds them, so the
+    count stays near ``COMPACT_EVERY`` however many writes come (a search scans every fragment)."""
+    from embedding_rollout.store.lance import LanceStore
+    store = LanceStore(str(tmp_path))
+    store.create_index("docs-v1", DIMS, {"model_version": "v1"})
+    store.bulk_write("docs-v1", [doc(i) for i in range(200)])
+    store.end_bulk_load("docs-v1")
+    peak = 0
+    for n in range(5 * LanceStore.COMPACT_EVERY):
+        store.upsert("docs-v1", doc(n % 300, seq=2 + n))
+        if n % 50 == 0:
+            peak = max(peak, store._table("docs-v1").stats()["fragment_stats"]["num_fragments"])
+    deadline = time.monotonic() + 60
+    while store._compacting.locked() and time.monotonic() < deadline:  # the last compaction's thread
+        time.sleep(0.05)
+    fragments = store._table("docs-v1").stats()["fragment_stats"]["num_fragments"]
+    assert peak <= 2 * LanceStore.COMPACT_EVERY and fragments <= LanceStore.COMPACT_EVERY + 1, (peak, fragments)
+    assert store.count("docs-v1") == 300

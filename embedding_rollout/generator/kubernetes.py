@@ -69,16 +69,21 @@ class KubernetesFleet:
         from kubernetes import client
         api_client = api_client or default_api_client()
         self.apps, self.custom = client.AppsV1Api(api_client), client.CustomObjectsApi(api_client)
+        self.autoscaling = client.AutoscalingV2Api(api_client)
         self.namespace, self.template_dir = namespace, Path(template_dir)
         self.confirm, self.timeout, self.poll_seconds = confirm, timeout, poll_seconds
 
     def _template(self, name: str, version: str):
         text = render((self.template_dir / name).read_text(), version)
-        return yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+        return [d for d in yaml.safe_load_all(text) if d] if name.endswith(".yaml") else json.loads(text)
+
+    def _manifest(self, version: str, kind: str) -> dict:
+        return next(d for d in self._template("generator.yaml", version) if d["kind"] == kind)
 
     # -- the steps ---------------------------------------------------------------------------------
     def deploy(self, version: str) -> None:
         name = self._create_deployment(version)
+        self._create_autoscaler(version)  # it scales the generator out while the backfill embeds
         self._wait_ready(name)
         self._add_entry("destinationrules", "subsets", self._template("subset-patch.json", version))
         self._add_entry("virtualservices", "http", self._template("route-patch.json", version))
@@ -89,13 +94,14 @@ class KubernetesFleet:
     def remove(self, version: str) -> None:
         self._remove_entry("virtualservices", "http", version)
         self._remove_entry("destinationrules", "subsets", version)
+        self._delete_autoscaler(f"{GENERATOR}-{version}")
         self._delete_deployment(f"{GENERATOR}-{version}")
         log.info("generator %s removed", version)
 
     # -- Deployments -------------------------------------------------------------------------------
     def _create_deployment(self, version: str) -> str:
         from kubernetes.client.exceptions import ApiException
-        manifest = self._template("generator.yaml", version)
+        manifest = self._manifest(version, "Deployment")
         name = manifest["metadata"]["name"]
         try:
             self.apps.create_namespaced_deployment(self.namespace, manifest)
@@ -105,6 +111,24 @@ class KubernetesFleet:
                 raise
             log.info("deployment %s exists already", name)  # a retried step
         return name
+
+    def _create_autoscaler(self, version: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+        manifest = self._manifest(version, "HorizontalPodAutoscaler")
+        try:
+            self.autoscaling.create_namespaced_horizontal_pod_autoscaler(self.namespace, manifest)
+            log.info("created autoscaler %s", manifest["metadata"]["name"])
+        except ApiException as exc:
+            if exc.status != 409:  # a retried step
+                raise
+
+    def _delete_autoscaler(self, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+        try:
+            self.autoscaling.delete_namespaced_horizontal_pod_autoscaler(name, self.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def _wait_ready(self, name: str) -> None:
         deadline = time.monotonic() + self.timeout

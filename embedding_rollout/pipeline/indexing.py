@@ -4,8 +4,10 @@ Used for the initial load of a version from the corpus and for the backfill of a
 the stable version's index. Sources are read in keyset order (ascending id, from any id on), so a
 resume starts after the last id written whatever the writes meanwhile did to the source's physical
 order; the checkpoint records that id after every batch, so a resume re-embeds at most one batch.
-Re-writing a document is harmless because writes are newer-wins by ``seq``. Memory is bounded by
-the batch. The index's bulk-load settings are restored even when the load fails.
+Re-writing a document is harmless because writes are newer-wins by ``seq``. The next batch is
+embedded while one is written, so memory is bounded by two batches. A load can cover one slice of
+the source (an id range, ``domain.slices``) with its own checkpoint. The index's bulk-load settings
+are restored even when the load fails.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
 from ..corpus import Document, load_documents
+from ..domain.slices import IdRange
 from ..store.base import BulkResult, StoredDocument, VectorStore
 
 log = logging.getLogger(__name__)
@@ -37,15 +41,19 @@ class Checkpoint:
     written: int = 0
     stale: int = 0
     done: bool = False
+    id_range: list | None = None  # a slice's (after, upto]; None: the whole source
 
     @classmethod
-    def load(cls, slot: "Slot | Path | None", index: str) -> "Checkpoint":
+    def load(cls, slot: "Slot | Path | None", index: str, id_range: IdRange | None = None) -> "Checkpoint":
+        """The slot's checkpoint of a load into ``index`` over ``id_range``; any other (an older
+        format, another index, another slice's range) starts over."""
+        wanted = [id_range.after, id_range.upto] if id_range else None
         text = as_slot(slot).read() if slot else None
         if text:
             data = json.loads(text)
-            if data.get("index") == index and "last_id" in data:  # an older format starts over
+            if data.get("index") == index and "last_id" in data and data.get("id_range") == wanted:
                 return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        return cls(index)
+        return cls(index, id_range=wanted)
 
     def save(self, slot: "Slot | Path | None") -> None:
         if slot:
@@ -108,10 +116,11 @@ def embedding_text(fields) -> str:
     return Document("", fields.get("title", ""), fields.get("text", ""), "", "").embedding_text()
 
 
-def corpus_source(after: str | None = None, path=None) -> Iterator[StoredDocument]:
-    """The corpus as stored documents at their initial version, in id order, above ``after``."""
+def corpus_source(after: str | None = None, path=None, upto: str | None = None) -> Iterator[StoredDocument]:
+    """The corpus as stored documents at their initial version, in id order, in (``after``, ``upto``]."""
+    wanted = IdRange(after, upto)
     for doc in sorted(load_documents(path), key=lambda d: d.id):
-        if after is None or doc.id > after:
+        if doc.id in wanted:
             yield StoredDocument(doc.id, CORPUS_SEQ, {"title": doc.title, "text": doc.text,
                                                       "category": doc.category, "date": doc.date})
 
@@ -129,36 +138,67 @@ KeysetSource = Callable[[str | None], Iterable[StoredDocument]]
 
 def load_index(source: KeysetSource, store: VectorStore, index: str, embed: Embedder, *,
                total: int | None = None, batch_size: int = 256, checkpoint_path: Slot | Path | None = None,
-               label: str = "backfill") -> Checkpoint:
+               label: str = "backfill", id_range: IdRange | None = None, end_load: bool = True) -> Checkpoint:
     """Embed and bulk-write every source document into ``index``, resuming after the checkpoint's
-    last id."""
+    last id. ``id_range``: the slice of the source this load covers (``source`` yields only it);
+    ``end_load=False``: leave the index at bulk-load settings (other slices are still loading)."""
     checkpoint_path = as_slot(checkpoint_path) if checkpoint_path else None  # one slot: its writes are paced
-    checkpoint = Checkpoint.load(checkpoint_path, index)
+    checkpoint = Checkpoint.load(checkpoint_path, index, id_range)
+    end = store.end_bulk_load if end_load else (lambda _index: None)
     if checkpoint.done:
-        store.end_bulk_load(index)  # the process may have died between saving "done" and this
+        end(index)  # the process may have died between saving "done" and this
         log.info("%s: checkpoint says %s is complete (%d written); nothing to do", label, index, checkpoint.written)
         return checkpoint
     progress = Progress(total, label)
     progress.advance(checkpoint.loaded)
+
+    def written(batch: list[StoredDocument], result: BulkResult) -> None:
+        if result.failed:
+            raise RuntimeError(f"{label}: {len(result.failed)} writes failed, first: {result.failed[0]}")
+        checkpoint.last_id = batch[-1].id
+        checkpoint.loaded += len(batch)
+        checkpoint.written += result.written
+        checkpoint.stale += result.stale
+        checkpoint.save(checkpoint_path)
+        progress.advance(len(batch))
+
     store.begin_bulk_load(index)
     try:
-        for batch in batched(in_id_order(source(checkpoint.last_id), checkpoint.last_id), batch_size):
-            result: BulkResult = store.bulk_write(index, embed_batch(batch, embed))
-            if result.failed:
-                raise RuntimeError(f"{label}: {len(result.failed)} writes failed, first: {result.failed[0]}")
-            checkpoint.last_id = batch[-1].id
-            checkpoint.loaded += len(batch)
-            checkpoint.written += result.written
-            checkpoint.stale += result.stale
-            checkpoint.save(checkpoint_path)
-            progress.advance(len(batch))
+        pipelined_writes(batched(in_id_order(source(checkpoint.last_id), checkpoint.last_id), batch_size),
+                         lambda batch: embed_batch(batch, embed), lambda docs: store.bulk_write(index, docs), written)
     finally:
-        store.end_bulk_load(index)  # serving settings come back even when the load failed
+        end(index)  # serving settings come back even when the load failed
     checkpoint.done = True
     checkpoint.save(checkpoint_path)
     log.info("%s: %s complete: %d written, %d already newer, %.1fs", label, index, checkpoint.written,
              checkpoint.stale, time.monotonic() - progress.started)
     return checkpoint
+
+
+def pipelined_writes(batches: Iterable[list[StoredDocument]], embed: Callable, write: Callable,
+                     written: Callable) -> None:
+    """Embed batch k+1 while batch k is written: one write in flight, on its own thread, so the
+    generator and the store work at once and memory holds at most two batches. ``written(batch,
+    result)`` runs in batch order once its write returned (the checkpoint never passes a batch
+    still in flight); a failed write stops the load at that batch."""
+    in_flight = None
+
+    def settle() -> None:
+        nonlocal in_flight
+        batch, write_done = in_flight
+        in_flight = None
+        written(batch, write_done.result())
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-write") as writer:
+        try:
+            for batch in batches:
+                embedded = embed(batch)
+                if in_flight:
+                    settle()
+                in_flight = (batch, writer.submit(write, embedded))
+        finally:  # the last write, or the one in flight when reading or embedding failed: recorded
+            if in_flight:
+                settle()
 
 
 def in_id_order(documents: Iterable[StoredDocument], after: str | None = None) -> Iterator[StoredDocument]:

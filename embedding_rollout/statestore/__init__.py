@@ -24,16 +24,19 @@ def open_state(settings: Settings, *, watch: bool = False):
     raise ValueError(f"ER_STATE_BACKEND must be '{FILE}' or '{KUBERNETES}', got {settings.state_backend!r}")
 
 
-def checkpoint_path(settings: Settings, version: str, source: str) -> Path:
-    return settings.home / "checkpoints" / f"{version}-from-{source}.json"
+def checkpoint_path(settings: Settings, version: str, source: str, part: str | None = None) -> Path:
+    return settings.home / "checkpoints" / f"{version}-from-{source}{'.' + part if part else ''}.json"
 
 
-def checkpoint_slot(settings: Settings, version: str, source: str, state=None) -> FileSlot | ConfigMapSlot:
-    """Where the backfill of ``version`` from ``source`` keeps its checkpoint. ``state``: an open
-    state (the app's watched one) to read it through."""
+def checkpoint_slot(settings: Settings, version: str, source: str, state=None,
+                    part: str | None = None) -> FileSlot | ConfigMapSlot:
+    """Where the backfill of ``version`` from ``source`` keeps its checkpoint; ``part``: one of
+    its records when it runs in slices (``plan``, ``slice-2-of-4``). ``state``: an open state (the
+    app's watched one) to read it through."""
     if settings.state_backend == KUBERNETES:
-        return ConfigMapSlot(state or open_state(settings), f"backfill.{version}.from.{source}.json")
-    return FileSlot(checkpoint_path(settings, version, source))
+        return ConfigMapSlot(state or open_state(settings),
+                             f"backfill.{version}.from.{source}{'.' + part if part else ''}.json")
+    return FileSlot(checkpoint_path(settings, version, source, part))
 
 
 def forget_checkpoints(settings: Settings, version: str) -> None:

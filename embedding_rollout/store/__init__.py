@@ -10,7 +10,8 @@ def open_store(settings) -> VectorStore:
     """The backend the settings name: ``lance`` (embedded default) or ``elasticsearch``."""
     if settings.store == "lance":
         from .lance import LanceStore
-        return LanceStore(settings.lance_uri, timeout=settings.store_timeout)
+        return LanceStore(settings.lance_uri, timeout=settings.store_timeout,
+                          ann_threshold=settings.lance_ann_threshold)
     if settings.store == "elasticsearch":
         from .elastic import ElasticsearchStore
         return ElasticsearchStore(settings.es_url, timeout=settings.store_timeout, replicas=settings.es_replicas,

@@ -129,10 +129,14 @@ class VectorStore(Protocol):
         """Live documents (tombstones not counted)."""
 
     def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False,
-             after: str | None = None) -> Iterator[StoredDocument]:
-        """Every document (without vectors) with an id above ``after``, in ascending id order
-        (keyset pages: a scan resumed from an id is correct whatever the writes did meanwhile);
-        every write acknowledged before the scan began is seen; memory bounded by the batch."""
+             after: str | None = None, upto: str | None = None) -> Iterator[StoredDocument]:
+        """Every document (without vectors) with an id above ``after`` and up to ``upto``, in
+        ascending id order (keyset pages: a scan resumed from an id is correct whatever the writes
+        did meanwhile); every write acknowledged before the scan began is seen; memory bounded by
+        the batch."""
+
+    def sample_ids(self, index: str, size: int) -> list[str]:
+        """About ``size`` ids of the index (tombstones too), sorted: where to split it into slices."""
 
     def begin_bulk_load(self, index: str) -> None: ...
 

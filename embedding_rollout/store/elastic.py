@@ -36,6 +36,17 @@ _LIVE = {"bool": {"must_not": [{"term": {"deleted": True}}]}}
 # num_candidates (10 x k) absorbs. m and ef_construction at the server's defaults.
 VECTOR_INDEX = {"type": "int8_hnsw", "m": 16, "ef_construction": 100}
 CONCRETE_SUFFIX = "-data"
+# Shards are sized by document count: about 2 KB a document here (the int8 vector and its graph,
+# the float vector and text in _source), so 10 M documents make a shard of ~20 GB, inside the 10-50 GB
+# Elastic recommends. More shards than that only add per-shard overhead to every kNN search.
+DOCS_PER_SHARD = 10_000_000
+MAX_AUTO_SHARDS = 32
+AUTO = "auto"
+
+
+def shards_for(documents: int) -> int:
+    """The primary shards of an index expected to hold ``documents``."""
+    return max(1, min(MAX_AUTO_SHARDS, -(-documents // DOCS_PER_SHARD)))
 
 
 def index_body(dims: int, meta: Mapping[str, str], replicas: int = 0, shards: int = 1) -> dict:
@@ -79,8 +90,12 @@ def _source(doc: StoredDocument) -> dict:
 
 class ElasticsearchStore:
     def __init__(self, url: str = "http://127.0.0.1:9200", timeout: float = 2.0, replicas: int = 0,
-                 shards: int = 1):
+                 shards: int | str = AUTO):
+        """``shards``: per index, or ``auto``: from the ``expected_documents`` its creator names."""
         self.client = Elasticsearch(url, request_timeout=timeout, max_retries=2, retry_on_timeout=True)
+        # Bulk loads, refreshes and settings changes of a batch job: a refresh after a large load
+        # takes seconds on a busy node, far beyond a request's timeout.
+        self.bulk_client = self.client.options(request_timeout=max(timeout, 120.0))
         self.replicas, self.shards = replicas, shards
 
     def _call(self, method, *args, **kwargs):
@@ -109,7 +124,8 @@ class ElasticsearchStore:
             if int(existing.get("dims", -1)) != dims:
                 raise ValueError(f"index {index} exists with dims {existing.get('dims')}, not {dims}")
             return False
-        body = index_body(dims, meta, self.replicas, self.shards)
+        shards = shards_for(int(meta.get("expected_documents", 0))) if self.shards == AUTO else int(self.shards)
+        body = index_body(dims, meta, self.replicas, shards)
         try:
             self._call(self.client.indices.create, index=index + CONCRETE_SUFFIX,
                        aliases={index: {"is_write_index": True}}, **body)
@@ -146,7 +162,7 @@ class ElasticsearchStore:
                     "_version_type": "external", "_source": _source(d)} for d in latest_per_id(docs))
         result = BulkResult()
         try:
-            for ok, item in helpers.streaming_bulk(self.client, actions, chunk_size=500, max_retries=3,
+            for ok, item in helpers.streaming_bulk(self.bulk_client, actions, chunk_size=500, max_retries=3,
                                                    raise_on_error=False, raise_on_exception=False,
                                                    require_alias=True):
                 outcome = item["index"]
@@ -161,13 +177,13 @@ class ElasticsearchStore:
         return result
 
     def begin_bulk_load(self, index: str) -> None:
-        self._call(self.client.indices.put_settings, index=index,
+        self._call(self.bulk_client.indices.put_settings, index=index,
                    settings={"refresh_interval": "-1", "number_of_replicas": 0})
 
     def end_bulk_load(self, index: str) -> None:
-        self._call(self.client.indices.put_settings, index=index,
+        self._call(self.bulk_client.indices.put_settings, index=index,
                    settings={"refresh_interval": SERVING_REFRESH, "number_of_replicas": self.replicas})
-        self._call(self.client.indices.refresh, index=index)
+        self._call(self.bulk_client.indices.refresh, index=index)
 
     def purge_tombstones(self, index: str) -> int:
         # Scan + versioned bulk deletes rather than _delete_by_query (a module some distributions
@@ -175,8 +191,8 @@ class ElasticsearchStore:
         tombstones = (d for d in self.scan(index, include_deleted=True) if d.deleted)
         actions = ({"_op_type": "delete", "_index": index, "_id": d.id, "_version": d.seq,
                     "_version_type": "external_gte"} for d in tombstones)
-        purged = sum(ok for ok, _ in helpers.streaming_bulk(self.client, actions, raise_on_error=False))
-        self._call(self.client.indices.refresh, index=index)
+        purged = sum(ok for ok, _ in helpers.streaming_bulk(self.bulk_client, actions, raise_on_error=False))
+        self._call(self.bulk_client.indices.refresh, index=index)
         return purged
 
     # -- reads ---------------------------------------------------------------------------------
@@ -204,13 +220,17 @@ class ElasticsearchStore:
         return int(self._call(self.client.count, index=index, query=_LIVE)["count"])
 
     def scan(self, index: str, batch_size: int = 500, include_deleted: bool = False,
-             after: str | None = None) -> Iterator[StoredDocument]:
+             after: str | None = None, upto: str | None = None) -> Iterator[StoredDocument]:
         # A point in time sorted on the ``id`` keyword with search_after: keyset pages over one
-        # consistent view, resumable from any id in a later one (a scroll's position is not).
+        # consistent view, resumable from any id in a later one (a scroll's position is not). A
+        # slice is an id range, not a sliced PIT: a PIT's slices split by Lucene doc ids, which
+        # differ in the next PIT, so a slice resumed there would not be the same documents.
         query = {"match_all": {}} if include_deleted else _LIVE
+        if upto is not None:
+            query = {"bool": {"filter": [query, {"range": {"id": {"lte": upto}}}]}}
         # A search sees what the last refresh made visible: refresh first, so that the scan
         # includes every write acknowledged before it began (backfill, repair, verify rely on it).
-        self._call(self.client.indices.refresh, index=index)
+        self._call(self.bulk_client.indices.refresh, index=index)
         pit = self._call(self.client.open_point_in_time, index=index, keep_alive=SCAN_KEEP_ALIVE)["id"]
         try:
             search_after = [after] if after is not None else None
@@ -227,6 +247,15 @@ class ElasticsearchStore:
                 search_after = hits[-1]["sort"]
         finally:
             self.client.options(ignore_status=404).close_point_in_time(id=pit)
+
+    def sample_ids(self, index: str, size: int) -> list[str]:
+        # A seeded random sample scored on the server: the split points of a plan without reading
+        # every id (a result window holds at most 10,000).
+        self._call(self.bulk_client.indices.refresh, index=index)
+        query = {"function_score": {"query": {"match_all": {}},
+                                    "random_score": {"seed": 20240101, "field": "_seq_no"}, "boost_mode": "replace"}}
+        reply = self._call(self.client.search, index=index, query=query, size=min(size, 10_000), source=False)
+        return sorted(hit["_id"] for hit in reply["hits"]["hits"])
 
     def ready(self) -> None:
         try:

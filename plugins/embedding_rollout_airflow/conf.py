@@ -3,10 +3,11 @@ checks no JSON schema can make (the current version exists, the model artifact i
 the first task so that an invalid conf is refused before anything changes."""
 from __future__ import annotations
 
-
 from airflow.sdk import Param
 
+from embedding_rollout.domain.slices import DOCS_PER_SLICE, MAX_SLICES, default_slices
 from embedding_rollout.domain.traffic import InvalidWeights, ramp_plan, validate_plan
+from embedding_rollout.store.base import IndexNotFound, StoreUnavailable
 
 from .hooks.deployment import DeploymentStateError, LocalDeploymentHook
 
@@ -38,6 +39,11 @@ def rollout_params() -> dict[str, Param]:
         "min_requests_p99": Param(100, type="integer", minimum=1, title="Minimum requests for p99",
                                   description="The versions' p99 latencies are compared only once both served "
                                               "this many requests in the window."),
+        "backfill_slices": Param(None, type=["null", "integer"], minimum=1, maximum=MAX_SLICES,
+                                 title="Backfill slices",
+                                 description="How many tasks (pods in a cluster) backfill the new index in parallel, "
+                                             f"each an id range of the current index; empty: one per "
+                                             f"{DOCS_PER_SLICE:,} documents."),
         "rollback_window_seconds": Param(0, type="integer", minimum=0, maximum=7 * 86400, title="Rollback window",
                                          description="Keep the old version this long after promotion."),
     }
@@ -105,6 +111,15 @@ def resolve_conf(params: dict, deployment=None) -> dict:
                 params["step_percent"])
         except InvalidWeights as exc:
             raise InvalidConf(str(exc)) from exc
+    resolved["backfill_slices"] = params.get("backfill_slices") or default_slices(_documents(deployment, current))
     resolved["thresholds"] = {k: params.get(k) for k in ("max_error_rate", "max_p99_ratio", "min_requests",
                                                          "min_requests_p99")}
     return resolved
+
+
+def _documents(deployment, version: str) -> int:
+    try:
+        return deployment.documents(version)
+    except (DeploymentStateError, IndexNotFound, StoreUnavailable) as exc:
+        raise InvalidConf(f"cannot count the documents of {version}'s index, which the default "
+                          f"backfill_slices needs (or set backfill_slices): {exc}") from exc

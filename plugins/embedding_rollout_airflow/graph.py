@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from .operators.steps import step
+from airflow.sdk import task
+
+from .operators.steps import mapped_step, step
 from .sensors.backfill import BackfillCompleteSensor
 from .tasks import RollbackWindowSensor, begin_rollout_task, conclude_rollout, rollout_outcome
 
@@ -32,8 +34,12 @@ def prepare_new_version(strategy: str):
              doc_md="Step 1: generator serving the new version, its index created (idempotent)."),
         step("start_dual_write", ["dual-write", "--version", NEW],
              doc_md="Step 2: streaming updates now go to both versions."),
-        step("backfill", ["index", "load", "--version", NEW, "--source", CURRENT],
-             doc_md="Step 3: re-embed every document of the current index into the new one (resumable)."),
+        step("plan_backfill", ["index", "plan", "--version", NEW, "--source", CURRENT,
+                               "--slices", "{{ %s['backfill_slices'] }}" % CONF],
+             doc_md="Step 3: split the current index's ids into backfill_slices ranges (kept for retries)."),
+        mapped_step("backfill", backfill_slices(conf),
+                    doc_md="Step 3: re-embed every document of the current index into the new one, one task per "
+                           "slice (an id range), in parallel; each resumes from its own checkpoint."),
         step("verify_backfill", ["index", "verify", "--version", NEW, "--source", CURRENT],
              doc_md="Step 3: check the new index against the current one both ways, tombstones too, and "
                     "record the result with the new version."),
@@ -45,6 +51,12 @@ def prepare_new_version(strategy: str):
         before >> after
     conf >> tasks[0]
     return conf, tasks
+
+
+@task(doc_md="The arguments of each backfill slice's task, from the run's backfill_slices.")
+def backfill_slices(conf: dict) -> list[list[str]]:
+    return [["index", "load", "--version", conf["new_version"], "--source", conf["current_version"],
+             "--slice", str(number)] for number in range(1, conf["backfill_slices"] + 1)]
 
 
 def promote_and_remove_old():

@@ -52,6 +52,11 @@ class LocalDeploymentHook(BaseHook):
         index = self.state().spec(version).index
         return Checkpoint.load(checkpoint_slot(self.settings, version, source, state=self.file), index)
 
+    def documents(self, version: str) -> int:
+        """Live documents in ``version``'s index."""
+        from embedding_rollout.store import open_store
+        return open_store(self.settings).count(self.state().spec(version).index)
+
     def models(self) -> list[dict]:
         return catalogue(self.settings.model_dir)
 
@@ -106,6 +111,9 @@ class AppDeploymentHook(BaseHook):
 
     def checkpoint(self, version: str, source: str) -> Checkpoint:
         return Checkpoint(**self._call("GET", f"/deployment/backfills/{version}", params={"source": source}))
+
+    def documents(self, version: str) -> int:
+        return int(self._call("GET", f"/deployment/indices/{version}")["documents"])
 
     def models(self) -> list[dict]:
         return self._call("GET", "/deployment/models")

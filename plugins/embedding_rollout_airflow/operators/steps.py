@@ -78,15 +78,19 @@ def step_pod_operator_class():
 
 
 def pod_operator(task_id: str, arguments: list[str], runtime: Runtime, **kwargs):
+    return step_pod_operator_class()(arguments=arguments, **pod_settings(task_id, runtime), **kwargs)
+
+
+def pod_settings(task_id: str, runtime: Runtime) -> dict:
+    """Every step pod's settings but its arguments."""
     from kubernetes.client import models as k8s
 
-    return step_pod_operator_class()(
+    return dict(
         task_id=task_id,
         name=f"rollout-{task_id.replace('_', '-')}",
         namespace=runtime.namespace,
         image=runtime.image,
         cmds=["embedding-rollout"],
-        arguments=arguments,
         env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(runtime.step_env.items())],
         service_account_name=runtime.service_account,
         volumes=[k8s.V1Volume(name=claim, persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=claim))
@@ -98,7 +102,6 @@ def pod_operator(task_id: str, arguments: list[str], runtime: Runtime, **kwargs)
         get_logs=True,
         durable=True,  # a restarted worker picks the running pod up again (no second pod)
         on_finish_action="delete_succeeded_pod",  # failed pods stay for inspection
-        **kwargs,
     )
 
 
@@ -108,3 +111,13 @@ def step(task_id: str, arguments: list[str], runtime: Runtime | None = None, **k
     if runtime.kind == KUBERNETES:
         return pod_operator(task_id, arguments, runtime, **kwargs)
     return LocalStepOperator(task_id=task_id, arguments=arguments, **kwargs)
+
+
+def mapped_step(task_id: str, argument_lists, runtime: Runtime | None = None, **kwargs):
+    """One step task per argument list (Airflow's dynamic task mapping over ``argument_lists``, an
+    XCom): the backfill's slices, a pod each in clusters, a process each locally."""
+    runtime = runtime or Runtime()
+    if runtime.kind == KUBERNETES:
+        return step_pod_operator_class().partial(**pod_settings(task_id, runtime), **kwargs).expand(
+            arguments=argument_lists)
+    return LocalStepOperator.partial(task_id=task_id, **kwargs).expand(arguments=argument_lists)
