@@ -231,5 +231,8 @@ def test_three_consecutive_rollouts_through_the_scheduler_leave_nothing_of_the_o
     assert live.stored_state().stable == "v4"
     # The backfills' checkpoints are keys of the state's ConfigMap; a removed version's went with it.
     data = client.CoreV1Api(live.kube.admin).read_namespaced_config_map(STATE, NAMESPACE).data
-    assert sorted(key for key in data if key.startswith("backfill.")) == ["backfill.v4.from.v3.json"]
-    assert json.loads(data["backfill.v4.from.v3.json"])["done"] is True
+    # The backfill's plan and its one slice's checkpoint (backfill_slices defaults to 1 here).
+    assert sorted(key for key in data if key.startswith("backfill.")) == [
+        "backfill.v4.from.v3.plan.json", "backfill.v4.from.v3.slice-1-of-1.json"]
+    assert json.loads(data["backfill.v4.from.v3.plan.json"])["slices"] == 1
+    assert json.loads(data["backfill.v4.from.v3.slice-1-of-1.json"])["done"] is True
