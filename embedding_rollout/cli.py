@@ -307,8 +307,9 @@ def index_create(settings: Settings, version):
               help="'corpus' (the snapshot) or a deployed version whose index to re-embed, e.g. v1.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Checkpoint file to resume from (default: $ER_HOME/checkpoints/<version>-from-<source>.json).")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 4096),
-              help="Documents per generator call and per bulk write (the next batch is embedded while one is written).")
+@click.option("--batch-size", default=None, type=click.IntRange(1, 16384),
+              help="Documents per bulk write and checkpoint (default: the store's, LanceDB 4096, Elasticsearch 500); "
+                   "embedded in generator calls of up to 256 while the one before is written.")
 @click.option("--slice", "slice_number", type=click.IntRange(1, MAX_SLICES), default=None,
               help="Load only this slice of the plan (`index plan`), with its own checkpoint; run one per slice, "
                    "in parallel.")

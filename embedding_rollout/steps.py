@@ -126,19 +126,22 @@ def _source(settings: Settings, source: str, state: DeploymentState | None = Non
             (lambda: store.count(index)))
 
 
+GENERATOR_BATCH = 256  # texts per generator request; a bulk write's batch is embedded in these
+
+
 def _embedder(settings: Settings, spec: VersionSpec, batch_size: int):
     from .generator.client import GeneratorTarget, generator_client
     target = GeneratorTarget(spec.name, spec.generator_grpc, spec.generator_rest, spec.model_name)
-    return generator_client(target, protocol=settings.generator_protocol,
-                            timeout=max(settings.generator_timeout, 30.0), batch_size=batch_size).embed
+    return generator_client(target, protocol=settings.generator_protocol, timeout=max(settings.generator_timeout, 30.0),
+                            batch_size=min(batch_size, GENERATOR_BATCH)).embed
 
 
 def backfill(settings: Settings, version: str, source: str, checkpoint: Path | None = None,
-             batch_size: int = 256, slice_number: int | None = None):
+             batch_size: int | None = None, slice_number: int | None = None):
     """Step 3: embed every source document with ``version``'s generator into its index, then
     repair what the live writes missed meanwhile. ``slice_number``: only that slice of the plan
     (``plan_backfill``), with its own checkpoint; the version counts as backfilled once every
-    slice is done."""
+    slice is done. ``batch_size``: documents per bulk write (default: the store's ``BULK_BATCH``)."""
     from .pipeline.indexing import load_index
     state = state_file(settings).read()
     spec = state.spec(version)
@@ -153,6 +156,7 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
     label = f"backfill {version} from {source}" + (f", slice {slice_number} of {plan.slices} "
                                                    f"{id_range.describe()}" if plan else "")
     store = open_store(settings)
+    batch_size = batch_size or store.BULK_BATCH
     loaded = load_index(documents, store, spec.index, _embedder(settings, spec, batch_size),
                         total=None if plan or not count else count(), batch_size=batch_size,
                         checkpoint_path=checkpoint, label=label, id_range=id_range, end_load=plan is None)

@@ -105,6 +105,8 @@ class Filters:
 class VectorStore(Protocol):
     """One index per model version; index names come from the deployment state."""
 
+    BULK_BATCH: int  # documents per bulk write this store takes best (measured; a load's default)
+
     def create_index(self, index: str, dims: int, meta: Mapping[str, str]) -> bool:
         """Create the index (True), or confirm an identical one exists (False)."""
 

@@ -89,6 +89,11 @@ def _source(doc: StoredDocument) -> dict:
 
 
 class ElasticsearchStore:
+    # Documents per bulk request of a load, measured into a fresh index (30k, 48 dims): 256 ->
+    # 1,486 docs/s, 500 -> 1,991, 1,000 -> 2,028, 2,000 -> 1,887. 500 keeps a request of
+    # 768-dim vectors at about 4 MB, below the 5-15 MB the Elasticsearch docs advise.
+    BULK_BATCH = 500
+
     def __init__(self, url: str = "http://127.0.0.1:9200", timeout: float = 2.0, replicas: int = 0,
                  shards: int | str = AUTO):
         """``shards``: per index, or ``auto``: from the ``expected_documents`` its creator names."""
@@ -162,7 +167,7 @@ class ElasticsearchStore:
                     "_version_type": "external", "_source": _source(d)} for d in latest_per_id(docs))
         result = BulkResult()
         try:
-            for ok, item in helpers.streaming_bulk(self.bulk_client, actions, chunk_size=500, max_retries=3,
+            for ok, item in helpers.streaming_bulk(self.bulk_client, actions, chunk_size=self.BULK_BATCH, max_retries=3,
                                                    raise_on_error=False, raise_on_exception=False,
                                                    require_alias=True):
                 outcome = item["index"]
