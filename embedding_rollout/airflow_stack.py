@@ -2,9 +2,9 @@
 
 ``AirflowStack`` runs what a user runs: the api-server (UI and REST API), the scheduler (with the
 LocalExecutor and a small parallelism), the dag-processor and the triggerer, each its own process,
-over one metadata database in ``AIRFLOW_HOME``, with the project's ``dags/`` and ``plugins/``. The
-demo, the end-to-end tests and the soak benchmark use it; ``docs/airflow.md`` shows the same
-settings for a user's own shell.
+over one metadata database (SQLite in ``AIRFLOW_HOME`` unless ``database_url`` names another: the
+tests' PostgreSQL), with the project's ``dags/`` and ``plugins/``. The demo, the end-to-end tests
+and the soak benchmark use it; ``docs/airflow.md`` shows the same settings for a user's own shell.
 
 ``AirflowApi`` is the part of Airflow's public REST API (``/api/v2``) they need: a JWT from
 ``/auth/token``, unpausing a DAG, triggering a run with conf, waiting for it, marking it failed,
@@ -55,6 +55,9 @@ class AirflowStack:
     # component as the Connection embedding_rollout_app, as a user would define it.
     app_url: str | None = None
     app_token: str | None = None
+    # The metadata database's SQLAlchemy URL. SQLite (the default) is for one person's demo: its
+    # writers do not lock rows, so a state the API server writes can be lost to a worker's.
+    database_url: str | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
     @property
@@ -92,6 +95,7 @@ class AirflowStack:
             # default) only takes CPU from the tasks.
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "300",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            **({"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url} if self.database_url else {}),
             **self.app_connection(),
             **self.env,
         }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Tools the manifest tests need (tests/test_manifests.py), installed idempotently:
+# Tools the tests need, installed idempotently:
 #   - kustomize, built from its Go module into a cache dir (the tests find it there, or through
 #     $KUSTOMIZE or PATH);
 #   - nginx with the njs module (Debian packages), to run the Compose gateway's configuration.
 #   - prometheus (Debian package), the analysis metrics source the tests run against real apps.
+#   - postgresql (Debian package), the tests' Airflow metadata database (scripts/postgres.sh).
 # Prints where the tools are. Set KUSTOMIZE_VERSION or ER_TOOLS_DIR to change the defaults.
 set -euo pipefail
 
@@ -39,20 +40,30 @@ else
   exit 1
 fi
 
+# A Debian package, unless the command after its name finds it: installed with apt as root, else asked for.
+apt_package() {
+  local package=$1; shift
+  if "$@" >/dev/null 2>&1; then
+    echo "$package already installed"
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing $package (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "$package" >/dev/null
+  else
+    echo "install-tools: please install $package (Debian: apt-get install $package)" >&2
+    exit 1
+  fi
+}
+
 # Prometheus: the cluster's source of the rollout analysis's metrics; the tests scrape real app
-# servers with it (Debian's package; only the binary is used, its service is not started).
-if command -v prometheus >/dev/null 2>&1; then
-  echo "prometheus already installed"
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing prometheus (apt)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-else
-  echo "install-tools: please install prometheus (Debian: apt-get install prometheus)" >&2
-  exit 1
-fi
+# servers with it (only the binary is used, its service is not started).
+apt_package prometheus command -v prometheus
+# PostgreSQL: the metadata database of the tests' Airflow stacks (scripts/postgres.sh runs it;
+# its own service is not started).
+apt_package postgresql sh -c 'ls /usr/lib/postgresql/*/bin/pg_ctl'
 
 echo "kustomize: $kustomize"
 echo "nginx: $(command -v nginx || echo /usr/sbin/nginx) (njs: $NJS_MODULE)"
 echo "prometheus: $(command -v prometheus)"
+echo "postgresql: $(ls -d /usr/lib/postgresql/*/bin | tail -1)"

@@ -3,7 +3,10 @@ with the LocalExecutor, dag-processor, triggerer) over a local deployment with i
 server, runs triggered through the REST API with conf while live traffic flows."""
 from __future__ import annotations
 
+import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from conftest import TOKENS
@@ -81,6 +84,50 @@ class LiveAirflow:
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}")
 
+    # -- faults of Airflow's own --------------------------------------------------------------
+    @contextmanager
+    def scheduler_stopped(self):
+        """The scheduler frozen (SIGSTOP) between two of its transactions, so that what is done
+        inside lands between two of its loops, and no row lock of its holds anything up."""
+        pid = self.airflow.processes["scheduler"].pid
+        for _ in range(100):
+            os.kill(pid, signal.SIGSTOP)
+            if not self._database_busy():
+                break
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the scheduler never paused outside a transaction")
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    def _database_busy(self) -> bool:
+        """Whether another connection to the metadata database is inside a statement or transaction."""
+        with self._metadata() as db:
+            return db.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> "
+                "pg_backend_pid() AND state IN ('active', 'idle in transaction')").scalar() > 0
+
+    def overwrite_task_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
+        """A write to the metadata database's row of a task instance, as a lost update leaves it."""
+        with self._metadata() as db, db.begin():
+            changed = db.exec_driver_sql(
+                "UPDATE task_instance SET state = %s WHERE dag_id = %s AND run_id = %s AND task_id = %s",
+                (state, dag_id, run_id, task_id)).rowcount
+        assert changed == 1, f"{task_id} of {run_id} not in the metadata database"
+
+    @contextmanager
+    def _metadata(self):
+        import sqlalchemy
+        engine = sqlalchemy.create_engine(self.airflow.database_url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as db:
+                yield db
+        finally:
+            engine.dispose()
+
     def explain(self, dag_id: str, run_id: str) -> str:
         """What went wrong, for an assertion message: every task's state and the failed tasks' logs."""
         states = self.states(dag_id, run_id)
@@ -89,7 +136,7 @@ class LiveAirflow:
         return f"{states}\nrollout: {self.state().rollout}\n{logs}"
 
 
-def start_live_airflow(home, model_repo, monkeypatch, port: int) -> LiveAirflow:
+def start_live_airflow(home, model_repo, monkeypatch, port: int, database_url: str) -> LiveAirflow:
     # The traffic's requests take milliseconds here: a 1 s drain outlasts them (the default, the
     # generator's and the store's timeouts, is for slow requests; tests/test_dual_write.py drains those).
     monkeypatch.setenv("ER_DRAIN_SECONDS", "1")
@@ -103,7 +150,7 @@ def start_live_airflow(home, model_repo, monkeypatch, port: int) -> LiveAirflow:
     # token file that does not exist, so a hook that ignored the Connection would be refused.
     env = {k: v for k, v in deployment.env.items() if k != "ER_APP_URL"}
     airflow = AirflowStack(home / "airflow", port=port, parallelism=4, app_url=deployment.app.url,
-                           app_token=token_for(TOKENS, "operator"),
+                           app_token=token_for(TOKENS, "operator"), database_url=database_url,
                            env={**env, "ER_RETRAIN_SCHEDULE": "none", "ER_DRAIN_SECONDS": "1",
                                 "ER_APP_URL": "http://127.0.0.1:9", "ER_TOKENS": str(home / "no-tokens.json")})
     try:

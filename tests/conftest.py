@@ -1,14 +1,16 @@
 """Shared fixtures: real trained models, a real model server, both real vector stores.
 
-Elasticsearch is the real server started by ``.ci/run`` (``scripts/elasticsearch.sh start``) at
-``ER_TEST_ES_URL`` (default http://127.0.0.1:9200). Outside CI a missing server skips its tests;
-in CI (``CI=true``) it fails them.
+Elasticsearch is the real server started by ``scripts/test.sh`` (``scripts/elasticsearch.sh
+start``) at ``ER_TEST_ES_URL`` (default http://127.0.0.1:9200); the Airflow stacks' metadata
+databases live on the PostgreSQL server at ``ER_TEST_AIRFLOW_DB`` (``scripts/postgres.sh``).
+Outside CI a missing server skips its tests; in CI (``CI=true``) it fails them.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,13 @@ def embedders(model_server):
     return {v: generator_client(target(model_server, v)) for v in ("v1", "v2")}
 
 
+def missing_server(message: str):
+    """A server the tests need does not answer: their failure in CI, a skip on a developer's machine."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def elasticsearch_store():
     from embedding_rollout.store.elastic import ElasticsearchStore
     from embedding_rollout.store.base import StoreUnavailable
@@ -133,11 +142,37 @@ def elasticsearch_store():
     try:
         store.ready()
     except StoreUnavailable as exc:
-        message = f"no Elasticsearch server at {ES_URL} (start it: scripts/elasticsearch.sh start): {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_server(f"no Elasticsearch server at {ES_URL} (start it: scripts/elasticsearch.sh start): {exc}")
     return store
+
+
+@contextmanager
+def airflow_metadata_database(purpose: str):
+    """A fresh PostgreSQL database for one Airflow stack, dropped afterwards; yields its URL.
+
+    PostgreSQL, as Airflow's users run it: SQLite's writers take no row locks, so a state the API
+    server writes (a run marked failed) can be lost to a worker's, and a writer waiting on the
+    file's lock for 5 s fails the request with a 500."""
+    import sqlalchemy
+    server = os.environ.get("ER_TEST_AIRFLOW_DB")
+    if not server:
+        missing_server("ER_TEST_AIRFLOW_DB names no PostgreSQL server (scripts/test.sh starts one: "
+                       "scripts/postgres.sh start; export ER_TEST_AIRFLOW_DB=$(scripts/postgres.sh url))")
+    url = sqlalchemy.make_url(server)
+    name = f"airflow_{purpose}_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as db:
+            db.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sqlalchemy.exc.OperationalError as exc:
+        admin.dispose()
+        missing_server(f"no PostgreSQL server at {url.render_as_string()} (scripts/postgres.sh start): {exc}")
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as db:
+            db.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
 
 
 @pytest.fixture(params=["lance", "elasticsearch"])
@@ -191,8 +226,8 @@ def live_airflow(tmp_path_factory, model_repo):
     from whatever version the last one left serving."""
     from embedding_rollout.airflow_stack import free_port
     from airflow_harness import start_live_airflow
-    with pytest.MonkeyPatch.context() as env:
-        live = start_live_airflow(tmp_path_factory.mktemp("live"), model_repo, env, free_port())
+    with pytest.MonkeyPatch.context() as env, airflow_metadata_database("live") as database:
+        live = start_live_airflow(tmp_path_factory.mktemp("live"), model_repo, env, free_port(), database)
         try:
             yield live
         finally:

@@ -135,6 +135,34 @@ def test_marking_the_run_failed_mid_ramp_rolls_back_and_stops_the_ramp(live):
     assert 20 <= max(w.get(new, 0) for w in record.weights_seen) < 100
 
 
+def test_a_ramp_that_outlives_the_mark_stops_at_its_next_step(live):
+    """A mark can lose to the ramp's own deferral: on Airflow's SQLite database the ramp's
+    read-then-write of its state runs in no transaction at the read, and overwrites the FAILED the
+    mark wrote. Seen in CI: the ramp then ran all ten steps after the run was marked failed, with
+    the run's pending tasks skipped and its teardowns waiting. Here that outcome is made
+    deterministic: with the scheduler stopped, the run is marked failed and the ramp's row is put
+    back to what its trigger's firing leaves. The ramp must see that its run has ended and stop."""
+    current, new = live.versions()
+    conf = {"new_version": new, "step_percent": 10, "step_interval_seconds": 20, "min_requests": 3}
+    with live.traffic() as record:
+        run_id = live.trigger(DAG, conf)
+        live.wait_for(lambda: live.state().weights.get(new) == 20 and live.states(DAG, run_id)["ramp"] == "deferred",
+                      what=f"the ramp deferred with {new} at 20 %")
+        time.sleep(5)  # the scheduler drains the deferring worker's exit first (see waiting.py)
+        with live.scheduler_stopped():
+            live.api.mark_failed(DAG, run_id)
+            assert live.states(DAG, run_id)["ramp"] == "failed"
+            live.overwrite_task_state(DAG, run_id, "ramp", "scheduled")  # the lost update
+        run = live.wait(DAG, run_id)
+    assert run["state"] == "failed"
+    assert record.failures == []
+    states = live.states(DAG, run_id)
+    assert states["ramp"] == "failed" and states["conclude_rollout"] == "success", live.explain(DAG, run_id)
+    assert "ended while the ramp ran" in live.log(DAG, run_id, "ramp")
+    assert_rolled_back(live, current, new)
+    assert max(w.get(new, 0) for w in record.weights_seen) == 20, rises(record.weights_seen, new)
+
+
 def test_one_rollout_at_a_time(live):
     """Three triggers at once: of the ramped and the A/B run one takes the deployment, the other is
     refused saying why; the ramped DAG's second run waits for the first (max_active_runs), and is

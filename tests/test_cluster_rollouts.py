@@ -21,7 +21,7 @@ import requests
 import yaml
 from kubernetes import client
 
-from conftest import TOKENS
+from conftest import TOKENS, airflow_metadata_database
 from embedding_rollout import steps
 from embedding_rollout.auth import token_for
 from embedding_rollout.airflow_stack import AirflowStack, free_port
@@ -90,7 +90,7 @@ def cluster_airflow(kube, four_models, tmp_path_factory):
     put_istio(kube, gateway_virtual_service({"v1": 100}))
     app_kubeconfig = home / "app.kubeconfig"
     app_kubeconfig.write_text(kubeconfig_text(kube.service_account_token(*APP)))
-    with pytest.MonkeyPatch.context() as env:
+    with pytest.MonkeyPatch.context() as env, airflow_metadata_database("cluster") as database:
         for key, value in {"ER_HOME": str(home / "home"), "ER_STORE": "lance", "ER_LANCE_URI": str(home / "lance"),
                            "ER_MODEL_BASE": str(repo.parent), "ER_GENERATOR_BACKEND": "kubernetes",
                            "ER_K8S_NAMESPACE": NAMESPACE, "ER_STATE_BACKEND": "kubernetes",
@@ -109,7 +109,7 @@ def cluster_airflow(kube, four_models, tmp_path_factory):
         env.setenv("KUBECONFIG", str(home / "no-kubeconfig"))  # Airflow's code has only its connection
         # The app and its token from the Connection only (ER_APP_URL leads nowhere).
         airflow = AirflowStack(home / "airflow", port=free_port(), parallelism=4, app_url=app.url,
-                               app_token=token_for(TOKENS, "operator"), env={
+                               app_token=token_for(TOKENS, "operator"), database_url=database, env={
             "ER_AIRFLOW_RUNTIME": "kubernetes", "ER_APP_URL": "http://127.0.0.1:9", "ER_IMAGE": IMAGE,
             "ER_TOKENS": str(home / "no-tokens.json"),
             "ER_GATEWAY_VIRTUAL_SERVICE": NAME, "ER_RETRAIN_SCHEDULE": "none",

@@ -107,3 +107,36 @@ def test_too_many_metrics_errors_in_a_row_abort(ramp):
     with pytest.raises(AirflowFailException, match="metrics unavailable 3 times in a row"):
         ramp(down, down, down, error_limit=2)
     assert ramp.state.read().rollout.phase == ABORTED
+
+
+class MarkedTI(FakeTI):
+    """A task instance whose run's other tasks have the given states (the execution API's answer)."""
+    dag_id, run_id = "embedding_deploy_ramped", RUN
+
+    def __init__(self, states):
+        super().__init__()
+        self.states = states
+
+    def get_task_states(self, dag_id, task_ids, run_ids):
+        assert (dag_id, run_ids) == (self.dag_id, [self.run_id])
+        return {self.run_id: {t: s for t, s in self.states.items() if t in task_ids}}
+
+
+@pytest.mark.parametrize("after_ramp, stops", [(None, False), ("skipped", True), ("success", True)])
+def test_a_ramp_resumed_in_a_run_a_person_ended_stops_before_its_step(tmp_path, after_ramp, stops):
+    """A resume after the run was marked failed or success (its pending tasks skipped, see
+    ``waiting.StopsWithItsRun``) fails before the ramp reads or changes anything."""
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG
+    from airflow.sdk.exceptions import AirflowFailException
+    from embedding_rollout_airflow.operators.ramp import RampOperator
+    with DAG("embedding_deploy_ramped", schedule=None):
+        ramp = RampOperator(task_id="ramp", interval_seconds=1)
+        ramp >> EmptyOperator(task_id="after_ramp")
+    ramp.analyse = lambda context, event=None, **kwargs: "analysed"
+    context = {"run_id": RUN, "ti": MarkedTI({"after_ramp": after_ramp, "promote": "skipped"})}
+    if stops:
+        with pytest.raises(AirflowFailException, match=f"ended while the ramp ran .*after_ramp {after_ramp}"):
+            ramp.resume_execution("analyse", {"step": 0}, context)
+    else:
+        assert ramp.resume_execution("analyse", {"step": 0}, context) == "analysed"

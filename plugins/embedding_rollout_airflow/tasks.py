@@ -15,7 +15,7 @@ from .conf import InvalidConf, resolve_conf
 from .hooks.deployment import DeploymentStateError, deployment_hook
 from .operators.istio import router_hook
 from .runtime import Runtime
-from .waiting import wait_until
+from .waiting import StopsWithItsRun, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def rollout_outcome(conf: dict, decided_rollback: str | None = None, ti=None) ->
     raise AirflowFailException(rollout.describe())
 
 
-class RollbackWindowSensor(BaseOperator):
+class RollbackWindowSensor(StopsWithItsRun, BaseOperator):
     """Keep the old version for ``seconds`` after promotion (Argo's rollbackWindow), deferred: a
     person can still roll back by marking the run failed, and no worker slot is held."""
 

@@ -32,14 +32,14 @@ from embedding_rollout.online_metrics import MetricsUnavailable
 from ..hooks.deployment import deployment_hook
 from ..hooks.routing import WeightsRefused
 from ..runtime import Runtime
-from ..waiting import wait_until
+from ..waiting import StopsWithItsRun, wait_until
 from .istio import router_hook
 
 ROLLBACK, ASK = "rollback", "ask"
 PASSED = "passed"
 
 
-class RampOperator(BaseOperator):
+class RampOperator(StopsWithItsRun, BaseOperator):
     template_fields: Sequence[str] = ("interval_seconds", "thresholds", "inconclusive_limit", "on_inconclusive")
     ui_color = "#b0e0c8"
 

@@ -11,10 +11,10 @@ from embedding_rollout.domain.lifecycle import ROUTABLE, VERIFIED
 
 from ..hooks.deployment import deployment_hook
 from ..runtime import Runtime
-from ..waiting import MIN_DEFER_SECONDS, wait_until
+from ..waiting import MIN_DEFER_SECONDS, StopsWithItsRun, wait_until
 
 
-class BackfillCompleteSensor(BaseSensorOperator):
+class BackfillCompleteSensor(StopsWithItsRun, BaseSensorOperator):
     """Done when ``version`` is verified against ``source``: the verification step (``index
     verify``, a pod in clusters) ran once the backfill ended and recorded its report with the
     version in the deployment state. The sensor reads that record, a few hundred bytes, instead

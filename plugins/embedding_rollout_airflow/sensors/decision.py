@@ -23,12 +23,12 @@ from ..hooks.routing import WeightsRefused
 from ..operators.istio import router_hook
 from ..runtime import Runtime
 from ..triggers.decisions import DecisionTrigger
-from ..waiting import MIN_DEFER_SECONDS, wait_until
+from ..waiting import MIN_DEFER_SECONDS, StopsWithItsRun, wait_until
 
 MESSAGES, AUTO = "messages", "auto"
 
 
-class AwaitDecisionSensor(BaseSensorOperator):
+class AwaitDecisionSensor(StopsWithItsRun, BaseSensorOperator):
     template_fields: Sequence[str] = ("new_version", "stable_version", "source", "thresholds", "split",
                                       "min_feedback", "decision_timeout")
 
