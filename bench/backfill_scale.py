@@ -1,15 +1,17 @@
 """The backfill at scale: sliced backfills of v2 from v1 beside the generator's own rate, in one run.
 
     python -m bench.backfill_scale --store lance|elasticsearch --documents N
-           [--slices 1,2,4] [--batch-size 256] [--shards 1,2] [--home DIR] [--skip-bootstrap-if-present]
+           [--slices 1,2,4] [--batch-size N] [--shards 1,2] [--home DIR] [--skip-bootstrap-if-present]
 
 1. Setup: a fresh ER_HOME (a temporary folder, or ``--home``); v1 and v2 trained once with the tests'
    small settings (``TEST_MODELS``) and cached under ``~/.cache/embedding-rollout/bench-models``; the
    project's model server (``ModelServer`` + ``ModelManager``, v1 and v2) in its own process on
    ephemeral ports; a corpus of N documents from ``embedding-rollout corpus synth`` (seed fixed) as
    ``ER_CORPUS``; v1 bootstrapped (``steps.bootstrap``, timed).
-2. Encoder only: the v2 generator over gRPC embedding every document's embedding text in batches of
-   the backfill's size, from 1, 2, 4 client processes at once (each its share), no store.
+2. Encoder only: the v2 generator over gRPC embedding every document's embedding text in the
+   backfill's generator calls (``steps.GENERATOR_BATCH``), from 1, 2, 4 client processes at once
+   (each its share), no store. ``--batch-size`` (default: the store's ``BULK_BATCH``) is the
+   documents per bulk write of the loads and the bulk-rate writers.
 3. Backfill at 1, 2, 4 slices: v2 deployed afresh, dual-write, ``index plan --slices S``, then S
    ``index load --version v2 --source v1 --slice K`` processes started at once; wall time until all
    exit 0, the rate against the encoder-only rate with as many processes, each slice's peak RSS.
@@ -260,11 +262,20 @@ def deployment_env(run: Run, ports: dict, corpus: Path, model_base: Path) -> dic
             "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+def store_class(name: str):
+    if name == "lance":
+        from embedding_rollout.store.lance import LanceStore
+        return LanceStore
+    from embedding_rollout.store.elastic import ElasticsearchStore
+    return ElasticsearchStore
+
+
 # -- 2. encoder only --------------------------------------------------------------------------------------
 def encoder_only(run: Run, processes: int) -> dict:
+    from embedding_rollout.steps import GENERATOR_BATCH
     workers = [run.worker(f"encode-{processes}p-{k}", "encode",
                           {"share": k, "shares": processes, "total": run.args.documents,
-                           "batch": run.args.batch_size})
+                           "batch": min(run.args.batch_size, GENERATOR_BATCH)})
                for k in range(processes)]
     seconds, reports = together(workers)
     docs = sum(r["docs"] for r in reports)
@@ -533,8 +544,8 @@ def render(results: dict) -> str:
                 f"{_f(row['docs_per_s'], 0)} | {_f(row['write_s'], 2)} | {_f(row['end_bulk_load_s'], 2)} | "
                 f"{_list(row['peak_rss_mib'])} |")
     add("")
-    add("Encoder only: each client process embeds its share of the documents' embedding texts in batches "
-        "of the backfill's size, started together once loaded. Backfill: wall time from starting the S "
+    add("Encoder only: each client process embeds its share of the documents' embedding texts in the "
+        "backfill's generator calls, started together once loaded. Backfill: wall time from starting the S "
         "`index load --slice K` processes to the last exit. Per slice, from its log: start-up (Python, "
         "TensorFlow, state and plan), the load (embed + write), after it (the slice's repair pass, and "
         "the last slice's `end_bulk_load`).")
@@ -632,7 +643,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--store", choices=("lance", "elasticsearch"))
     parser.add_argument("--documents", type=int, help="corpus size (embedding-rollout corpus synth)")
     parser.add_argument("--slices", default="1,2,4", help="slice counts, also the encoder-only process counts")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="documents per bulk write (default: the store's BULK_BATCH)")
     parser.add_argument("--shards", default="1,2", help="Elasticsearch bulk-rate index shard counts")
     parser.add_argument("--es-url", default=os.environ.get("ER_ES_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--home", help="ER_HOME to use and keep (default: a temporary folder, removed)")
@@ -641,8 +653,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not args.worker and (not args.store or not args.documents or args.batch_size < 1):
+    if not args.worker and (not args.store or not args.documents or (args.batch_size or 1) < 1):
         parser.error("--store and --documents are required, and --batch-size must be at least 1")
+    if not args.worker and args.batch_size is None:
+        args.batch_size = store_class(args.store).BULK_BATCH
     args.slices = [int(s) for s in args.slices.split(",")]
     args.shards = [int(s) for s in args.shards.split(",")]
     return args
