@@ -314,8 +314,8 @@ def backfill_in_slices(run: Run, settings, slices: int) -> dict:
 
 def slice_phases(load: Child) -> dict:
     """A slice process's time split at its load, from the load's last log line: start-up (Python,
-    TensorFlow, state, plan), the load itself, and after it (the slice's repair pass; the last
-    slice's end_bulk_load too). What scales with the documents is the load (and the repair)."""
+    TensorFlow, state, plan), the load itself, and after it (the last slice's end_bulk_load, with
+    the vector index build on LanceDB). What scales with the documents is the load."""
     found = COMPLETE.search(load.log_path.read_text())
     if not found:
         return {"startup": None, "load": None, "after": None, "written": 0}
@@ -547,8 +547,8 @@ def render(results: dict) -> str:
     add("Encoder only: each client process embeds its share of the documents' embedding texts in the "
         "backfill's generator calls, started together once loaded. Backfill: wall time from starting the S "
         "`index load --slice K` processes to the last exit. Per slice, from its log: start-up (Python, "
-        "TensorFlow, state and plan), the load (embed + write), after it (the slice's repair pass, and "
-        "the last slice's `end_bulk_load`).")
+        "TensorFlow, state and plan), the load (embed + write), after it (the last slice's `end_bulk_load`, "
+        "and the state change).")
     return "\n".join(out)
 
 

@@ -138,8 +138,9 @@ def _embedder(settings: Settings, spec: VersionSpec, batch_size: int):
 
 def backfill(settings: Settings, version: str, source: str, checkpoint: Path | None = None,
              batch_size: int | None = None, slice_number: int | None = None):
-    """Step 3: embed every source document with ``version``'s generator into its index, then
-    repair what the live writes missed meanwhile. ``slice_number``: only that slice of the plan
+    """Step 3: embed every source document with ``version``'s generator into its index. What the
+    live writes missed meanwhile is left to the verification (``verify``), which compares the
+    whole index once and repairs between its passes. ``slice_number``: only that slice of the plan
     (``plan_backfill``), with its own checkpoint; the version counts as backfilled once every
     slice is done. ``batch_size``: documents per bulk write (default: the store's ``BULK_BATCH``)."""
     from .pipeline.indexing import load_index
@@ -160,8 +161,6 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
     loaded = load_index(documents, store, spec.index, _embedder(settings, spec, batch_size),
                         total=None if plan or not count else count(), batch_size=batch_size,
                         checkpoint_path=checkpoint, label=label, id_range=id_range, end_load=plan is None)
-    if source != "corpus":
-        repair(settings, version, source, batch_size, id_range)
     if plan is None or _every_slice_done(settings, plan, spec.index):
         if plan is not None:
             store.end_bulk_load(spec.index)  # the last slice to end restores the serving settings
@@ -223,15 +222,18 @@ def _source_ids(settings: Settings, source: str, state: DeploymentState) -> tupl
     return store.sample_ids(index, 5_000), store.count(index)
 
 
-def repair(settings: Settings, version: str, source: str, batch_size: int = 256, id_range=None):
+def repair(settings: Settings, version: str, source: str, batch_size: int = 256, ids: list[str] | None = None):
     """Write into ``version``'s index every document (and delete) of ``source``'s that it lacks or
-    holds at an older version: the writes it missed as a candidate write target. ``id_range``:
-    only that slice of the source."""
-    from .pipeline.indexing import repair_index
+    holds at an older version: the writes it missed as a candidate write target. ``ids``: only
+    those (what a verification found), read by id instead of a scan of the whole source."""
+    from .pipeline.indexing import batched, repair_index
     state = state_file(settings).read()
-    spec, store = state.spec(version), open_store(settings)
-    after, upto = (id_range.after, id_range.upto) if id_range else (None, None)
-    documents = store.scan(state.spec(source).index, include_deleted=True, after=after, upto=upto)
+    spec, store, source_index = state.spec(version), open_store(settings), state.spec(source).index
+    if ids is None:
+        documents = store.scan(source_index, include_deleted=True)
+    else:
+        documents = (doc for chunk in batched(sorted(ids), batch_size)
+                     for _, doc in sorted(store.get_many(source_index, chunk).items()))
     return repair_index(documents, store, spec.index, _embedder(settings, spec, batch_size), batch_size)
 
 
@@ -251,7 +253,9 @@ def verify_backfill(settings: Settings, version: str, source: str, state: Deploy
 def verify(settings: Settings, version: str, source: str, passes: int = 5):
     """Verify ``version``'s index against ``source`` and record the result with the version (a
     passed verification lets it take traffic). Against a version, what a write in flight left
-    behind is repaired between passes; against the corpus one pass decides."""
+    behind is repaired between passes (by id, what the pass found); against the corpus one pass
+    decides."""
+    repaired = 0
     for attempt in range(1, (passes if source != "corpus" else 1) + 1):
         report = verify_backfill(settings, version, source)
         if report.complete:
@@ -260,9 +264,9 @@ def verify(settings: Settings, version: str, source: str, passes: int = 5):
                     "duplicated (%s)", attempt, version, report.missing, report.behind, source, report.extra,
                     report.duplicated, report.examples[:5])
         if source != "corpus" and attempt < passes:
-            repair(settings, version, source)
+            repaired += repair(settings, version, source, ids=report.repair_ids()).repaired
     record = {"source": source, "complete": report.complete, "at": time.time(), "passes": attempt,
-              **{k: v for k, v in vars(report).items() if k != "examples"}, "examples": report.examples[:5]}
+              "repaired": repaired, **report.figures, "examples": report.examples[:5]}
     state_file(settings).update(lambda s: s.with_verification(version, record))
     return report
 
@@ -275,13 +279,12 @@ def set_weights(settings: Settings, weights: dict[str, int]) -> DeploymentState:
 
 def promote(settings: Settings, version: str, passes: int = 5, run_id: str | None = None) -> DeploymentState:
     """Make ``version`` the stable one (after it took all the traffic), once its index holds every
-    write the stable version took: repaired, then verified (a write in flight between the two may
+    write the stable version took: verified, repairing what a pass finds (a write in flight may
     need another pass). With ``run_id``, as that run's rollout's ``promote`` transition."""
     state = state_file(settings).read()
     stable = state.stable
     lifecycle.make_stable(version, state.phase(version), state.weights.get(version))  # refused before any work
     if stable and stable != version and {stable, version} <= set(state.write_targets):
-        repair(settings, version, stable)
         report = verify(settings, version, stable, passes)
         if not report.complete:
             raise RuntimeError(f"{version} does not hold every write of {stable} after {passes} repair passes "

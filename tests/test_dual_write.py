@@ -104,3 +104,29 @@ def test_a_removal_that_stopped_after_retiring_the_version_is_finished_by_the_ne
     steps.remove_version(settings, "v2")
     assert "v2" not in deployment.state.read().versions
     assert "docs-v2" not in open_store(settings).indices()
+
+
+def test_a_verification_repairs_by_id_what_its_pass_found(deployment, monkeypatch):
+    """Writes the candidate missed are found by one merge of the two scans and repaired by id: the
+    source is read once per pass (no third, full repair scan), and the record says how many."""
+    url, settings = deployment.app.url, deployment.settings
+    deployment.model_server.manager.set_fault_rate(2, 1.0)
+    for n in range(3):
+        put = requests.put(f"{url}/documents/missed-{n}", headers=WRITE, json={**DOC, "version": 10**15})
+        assert put.status_code == 200 and list(put.json()["missed"]) == ["v2"], put.text
+    deployment.model_server.manager.set_fault_rate(2, 0.0)
+    store_class, scans = type(open_store(settings)), []
+    original_scan = store_class.scan
+
+    def counted_scan(self, index, *args, **kwargs):
+        scans.append(index)
+        return original_scan(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(store_class, "scan", counted_scan)
+    report = steps.verify(settings, "v2", "v1")
+    assert report.complete
+    record = deployment.state.read().spec("v2").verification
+    assert record["complete"] and record["passes"] == 2 and record["repaired"] == 3, record
+    assert scans.count("docs-v1") == 2, scans  # the two passes; the repair read the three by id
+    assert set(open_store(settings).get_many("docs-v2", [f"missed-{n}" for n in range(3)])) == \
+        {f"missed-{n}" for n in range(3)}

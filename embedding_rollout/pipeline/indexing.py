@@ -223,15 +223,29 @@ class Verification:
     extra: int = 0           # live in the target, absent from the source
     duplicated: int = 0      # ids with more than one row in the target
     examples: list[str] = field(default_factory=list)
+    to_repair: list[str] = field(default_factory=list, repr=False)  # missing and behind, up to a bound
+
+    REPAIR_BY_ID_LIMIT = 50_000  # beyond it, a repair pass over the whole source is cheaper
 
     @property
     def complete(self) -> bool:
         return self.missing == self.behind == self.extra == self.duplicated == 0
 
+    @property
+    def figures(self) -> dict:
+        return {k: getattr(self, k) for k in ("checked", "target_checked", "missing", "behind", "extra", "duplicated")}
+
+    def repair_ids(self) -> list[str] | None:
+        """The ids a repair must write to make this pass complete, or None when there were too
+        many to keep (repair them all)."""
+        return self.to_repair if len(self.to_repair) == self.missing + self.behind else None
+
     def note(self, kind: str, doc_id: str, sample_limit: int = 20) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
         if len(self.examples) < sample_limit:
             self.examples.append(doc_id)
+        if kind in ("missing", "behind") and len(self.to_repair) < self.REPAIR_BY_ID_LIMIT:
+            self.to_repair.append(doc_id)
 
 
 def verify_index(source: Iterable[StoredDocument], target: Iterable[StoredDocument],
