@@ -307,7 +307,8 @@ def apply_variant(app, variant: str) -> None:
     """What-if changes, applied from outside before Connexion builds its stack (``as-is``: none).
 
     ``compact-json``: the API's jsonifier without ``indent=2`` (Connexion's FlaskApi default), so the
-    stdlib's C encoder serialises responses: one argument to ``add_api``/``FlaskApp`` in the app.
+    stdlib's C encoder serialises responses: one argument to ``add_api``/``FlaskApp`` in the app
+    (which ``create_app`` passes since 2026-12-03: the variant now equals ``as-is``).
     ``asyncapp``: see ``async_app``.
     ``cached-decorators``: Connexion 3.3 rebuilds each operation's Flask-side decorator chain on every
     request (``FlaskOperation.fn`` is a property; ``WSGIDecorator.__call__`` calls ``decorate`` per call,

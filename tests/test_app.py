@@ -68,6 +68,7 @@ def test_search_uses_one_version_end_to_end_with_filters(deployment, embedders, 
     reply = post_search(url, body, **{"x-model-version": version})
     assert reply.status_code == 200, reply.text
     payload = reply.json()
+    assert "\n " not in reply.text  # compact, not indented: smaller, and the stdlib's C encoder
     assert payload["model_version"] == version == reply.headers["x-model-version"]
     timing = dict(part.split(";dur=") for part in reply.headers["Server-Timing"].split(", "))
     assert set(timing) == {"generator", "store"} and all(float(v) > 0 for v in timing.values())
