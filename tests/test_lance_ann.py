@@ -182,3 +182,23 @@ def test_the_threshold_is_a_setting(tmp_path, monkeypatch):
     assert open_store(Settings()).ann_threshold == 1234
     monkeypatch.delenv("ER_LANCE_ANN_THRESHOLD")
     assert Settings().lance_ann_threshold == LanceStore.ANN_THRESHOLD == 100_000
+
+
+def test_a_bulk_load_indexes_the_filter_columns_and_filters_see_rows_written_since(tmp_path):
+    store = loaded(tmp_path, threshold=ROWS + 1)  # exact search: the filter alone picks the rows
+    indexed = {tuple(i.columns): i.index_type for i in store._table(INDEX).list_indices()}
+    assert indexed == {("id",): "BTree", ("deleted",): "Bitmap", ("category",): "Bitmap", ("date",): "BTree"}
+    few = np.flatnonzero(CATEGORY == "few")
+    for i in few[:10]:  # out of "few" after the indices were built
+        assert store.delete(INDEX, f"d{i:05d}", 5)
+    moved = [3, 5, 9]  # into "few", and dated later
+    for i in moved:
+        assert store.upsert(INDEX, StoredDocument(f"d{i:05d}", 5, {"title": f"t{i}", "category": "few",
+                                                                   "date": "2025-06-01"}, VECTORS[i]))
+    expected = np.array(sorted([*few[10:], *moved]))
+    for query in QUERIES[:10]:
+        hits = store.search(INDEX, query, K, Filters(category=("few",)))
+        assert [h.id for h in hits] == exact_top(query, expected)
+        later = store.search(INDEX, query, K, Filters(category=("few", "big"), date_from="2025-01-01"))
+        assert sorted(h.id for h in later) == [f"d{i:05d}" for i in moved]
+    assert store.count(INDEX) == ROWS - 10

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lancedb
-from lancedb.index import HnswSq, IvfPq
+from lancedb.index import Bitmap, BTree, HnswSq, IvfPq
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -136,6 +136,11 @@ class LanceStore:
     ANN_NPROBES, ANN_EF = 40, 50
     ANN_REFINE = {"IVF_HNSW_SQ": 5, "IVF_PQ": 30}
     ANN_FILTER_SHARE = 0.1  # a filter matching fewer of the rows is searched exactly
+    # Scalar indices on the columns every lookup and prefilter reads: without them each search
+    # scans ``deleted`` and ``category`` over the whole table. At 1 M rows (lance 0.40, 2 cores):
+    # ANN 62 -> 26 ms, an exact search under a 15-document filter 294 -> 20 ms; none at 10 k.
+    # Bitmaps for the few-valued columns, B-trees for ids and date ranges.
+    COLUMN_INDICES = {"id": BTree, "deleted": Bitmap, "category": Bitmap, "date": BTree}
 
     def __init__(self, uri: str, consistency_seconds: float = 0.2, timeout: float = 2.0,
                  ann_threshold: int = ANN_THRESHOLD):
@@ -241,12 +246,12 @@ class LanceStore:
 
     def _compact(self, index: str) -> None:
         try:
-            self._optimize(index, index_ids=True)
+            self._optimize(index, index_columns=True)
         finally:
             self._compacting.release()
 
-    def _optimize(self, index: str, index_ids: bool = False) -> None:
-        """Fold small fragments, bring the id index up to date and drop old versions: a writer
+    def _optimize(self, index: str, index_columns: bool = False) -> None:
+        """Fold small fragments, bring the column indices up to date and drop old versions: a writer
         like the others, under the table's write lock, on the latest version (a compaction racing
         other writers' merges is where Lance left duplicate rows). Compaction is an optimisation:
         when it cannot get its turn or fails, it is logged, never raised."""
@@ -254,9 +259,11 @@ class LanceStore:
             with self._locks.hold(index, max(self.timeout, self.BULK_WAIT)):
                 table = self._table(index)
                 table.checkout_latest()
-                if index_ids and table.count_rows() and not any(list(i.columns) == ["id"]
-                                                                for i in table.list_indices()):
-                    table.create_scalar_index("id", index_type="BTREE")
+                if index_columns and table.count_rows():
+                    indexed = {tuple(i.columns) for i in table.list_indices()}
+                    for column, config in self.COLUMN_INDICES.items():
+                        if (column,) not in indexed:
+                            table.create_index(column, config=config())
                 table.optimize(cleanup_older_than=dt.timedelta(minutes=1))
         except Exception as exc:
             log.warning("compacting %s failed: %s", index, exc)
@@ -279,10 +286,11 @@ class LanceStore:
         self._table(index)  # nothing to switch off: Lance has no refresh cycle
 
     def end_bulk_load(self, index: str) -> None:
-        # Index ``id`` (so that merges and lookups by id do not scan the table), fold the many
-        # small versions a load makes into few files, and drop the old versions (``optimize`` also
-        # adds new rows to an existing vector index). A large table gets a vector index.
-        self._optimize(index, index_ids=True)
+        # Index the id and filter columns (so that merges, lookups and prefilters do not scan the
+        # table), fold the many small versions a load makes into few files, and drop the old
+        # versions (``optimize`` also adds new rows to the existing indices). A large table gets a
+        # vector index.
+        self._optimize(index, index_columns=True)
         self._ensure_vector_index(index)
 
     def _ensure_vector_index(self, index: str) -> float | None:
