@@ -13,9 +13,11 @@
    (each its share), no store. ``--batch-size`` (default: the store's ``BULK_BATCH``) is the
    documents per bulk write of the loads and the bulk-rate writers.
 3. Backfill at 1, 2, 4 slices: v2 deployed afresh, dual-write, ``index plan --slices S``, then S
-   ``index load --version v2 --source v1 --slice K`` processes started at once; wall time until all
-   exit 0, the rate against the encoder-only rate with as many processes, each slice's peak RSS.
-   Then ``index verify`` and ``index repair`` once, timed.
+   ``index load --version v2 --source v1 --slice K`` processes started at once, then ``index finish``
+   (the end of the bulk load: LanceDB's compaction and vector index) in its own process; wall time
+   from the start to the finish's exit, the rate against the encoder-only rate with as many
+   processes, each slice's and the finish's peak RSS. Then ``index verify`` and ``index repair``
+   once, timed.
 4. Elasticsearch only: the server's bulk-index rate with precomputed (random) vectors, the same
    documents, ``bulk_write`` inside ``begin_bulk_load``/``end_bulk_load``, 1 and 2 writer processes,
    into indices of 1 and 2 shards (``--shards``).
@@ -303,19 +305,21 @@ def backfill_in_slices(run: Run, settings, slices: int) -> dict:
     loads = [run.cli(f"load-{slices}s-{k}", "index", "load", "--version", "v2", "--source", "v1",
                      "--batch-size", str(run.args.batch_size), "--slice", str(k)) for k in range(1, slices + 1)]
     wait_all(loads)
-    seconds = max(c.ended for c in loads) - started
+    finish = run.run_cli(f"finish-{slices}s", "index", "finish", "--version", "v2", "--source", "v1")
+    seconds = finish.ended - started
     count = open_store(settings).count(settings.index_name("v2"))
     assert count == run.args.documents, f"v2 holds {count} of {run.args.documents} documents"
     phases = [slice_phases(c) for c in loads]
     return {"slices": slices, "docs": count, "seconds": seconds, "docs_per_s": count / seconds,
             "plan_s": plan.seconds, "slice_s": [c.seconds for c in loads], "slice_phases_s": phases,
-            "written": sum(p["written"] for p in phases), "peak_rss_mib": [c.rss_mib for c in loads]}
+            "written": sum(p["written"] for p in phases), "peak_rss_mib": [c.rss_mib for c in loads],
+            "finish_s": finish.seconds, "finish_rss_mib": finish.rss_mib}
 
 
 def slice_phases(load: Child) -> dict:
     """A slice process's time split at its load, from the load's last log line: start-up (Python,
-    TensorFlow, state, plan), the load itself, and after it (the last slice's end_bulk_load, with
-    the vector index build on LanceDB). What scales with the documents is the load."""
+    TensorFlow, state, plan), the load itself, and after it (waiting for the background compaction
+    its bulk writes started; the end of the load is ``index finish``'s)."""
     found = COMPLETE.search(load.log_path.read_text())
     if not found:
         return {"startup": None, "load": None, "after": None, "written": 0}
@@ -517,18 +521,19 @@ def render(results: dict) -> str:
             f"{_f(boot['seconds'])} | {_f(boot['docs_per_s'], 0)} | {_f(boot['peak_rss_mib'], 0)} |")
     add("")
     add("| processes | encoder only (v2, gRPC): docs/s | seconds | backfill wall s | backfill docs/s | "
-        "backfill / encoder | per slice: start-up + load + after s | peak RSS per slice MiB |")
-    add("|---|---|---|---|---|---|---|---|")
+        "backfill / encoder | per slice: start-up + load + after s | peak RSS per slice MiB | "
+        "`index finish` s / RSS MiB |")
+    add("|---|---|---|---|---|---|---|---|---|")
     encoder = {row["processes"]: row for row in results["encoder"]}
     for row in results["backfill"]:
         enc = encoder.get(row["slices"])
         ratio = f"{100 * row['docs_per_s'] / enc['docs_per_s']:.0f} %" if enc else "–"
         add(f"| {row['slices']} | {_f(enc['docs_per_s'], 0) if enc else '–'} | {_f(enc['seconds']) if enc else '–'} | "
             f"{_f(row['seconds'])} | {_f(row['docs_per_s'], 0)} | {ratio} | {_phases(row['slice_phases_s'])} | "
-            f"{_list(row['peak_rss_mib'])} |")
+            f"{_list(row['peak_rss_mib'])} | {_f(row['finish_s'])} / {_f(row['finish_rss_mib'], 0)} |")
     for processes, enc in encoder.items():
         if processes not in {r["slices"] for r in results["backfill"]}:
-            add(f"| {processes} | {_f(enc['docs_per_s'], 0)} | {_f(enc['seconds'])} | – | – | – | | |")
+            add(f"| {processes} | {_f(enc['docs_per_s'], 0)} | {_f(enc['seconds'])} | – | – | – | | | |")
     add("")
     add("| after the last backfill | seconds | docs/s | peak RSS MiB |")
     add("|---|---|---|---|")
@@ -546,9 +551,10 @@ def render(results: dict) -> str:
     add("")
     add("Encoder only: each client process embeds its share of the documents' embedding texts in the "
         "backfill's generator calls, started together once loaded. Backfill: wall time from starting the S "
-        "`index load --slice K` processes to the last exit. Per slice, from its log: start-up (Python, "
-        "TensorFlow, state and plan), the load (embed + write), after it (the last slice's `end_bulk_load`, "
-        "and the state change).")
+        "`index load --slice K` processes to the exit of the `index finish` run after them. Per slice, from its "
+        "log: start-up (Python, TensorFlow, state and plan), the load (embed + write), after it (the background "
+        "compaction its writes started). `index finish`: the end of the bulk load (`end_bulk_load`: on LanceDB "
+        "compaction, column indices and the vector index) and the state change.")
     return "\n".join(out)
 
 

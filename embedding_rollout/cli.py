@@ -286,7 +286,7 @@ def dual_write(settings: Settings, version):
 
 @main.group()
 def index():
-    """Index commands: create, load (backfill), verify, count, drop."""
+    """Index commands: create, plan, load (backfill), finish, verify, repair, count, drop, purge-tombstones."""
 
 
 @index.command("create")
@@ -319,6 +319,21 @@ def index_load(settings: Settings, version, source, checkpoint, batch_size, slic
     from .steps import backfill
     result = backfill(settings, version, source, checkpoint, batch_size, slice_number)
     _print(vars(result))
+
+
+@index.command("finish")
+@VERSION
+@click.option("--source", default="corpus", show_default=True,
+              help="The source of the plan whose slices were loaded: 'corpus' or a deployed version, e.g. v1.")
+@click.pass_obj
+def index_finish(settings: Settings, version, source):
+    """Step 3: end a sliced backfill once every slice is loaded (the store's upkeep, e.g. LanceDB's
+    vector index) and record the version as backfilled (idempotent)."""
+    from .steps import finish_backfill
+    try:
+        _print(finish_backfill(settings, version, source))
+    except RuntimeError as exc:  # no plan, or a slice not loaded yet
+        raise click.ClickException(str(exc)) from exc
 
 
 @index.command("plan")

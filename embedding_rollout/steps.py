@@ -141,8 +141,8 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
     """Step 3: embed every source document with ``version``'s generator into its index. What the
     live writes missed meanwhile is left to the verification (``verify``), which compares the
     whole index once and repairs between its passes. ``slice_number``: only that slice of the plan
-    (``plan_backfill``), with its own checkpoint; the version counts as backfilled once every
-    slice is done. ``batch_size``: documents per bulk write (default: the store's ``BULK_BATCH``)."""
+    (``plan_backfill``), with its own checkpoint; once every slice is done, ``finish_backfill``
+    ends the load. ``batch_size``: documents per bulk write (default: the store's ``BULK_BATCH``)."""
     from .pipeline.indexing import load_index
     state = state_file(settings).read()
     spec = state.spec(version)
@@ -161,22 +161,40 @@ def backfill(settings: Settings, version: str, source: str, checkpoint: Path | N
     loaded = load_index(documents, store, spec.index, _embedder(settings, spec, batch_size),
                         total=None if plan or not count else count(), batch_size=batch_size,
                         checkpoint_path=checkpoint, label=label, id_range=id_range, end_load=plan is None)
-    if plan is None or _every_slice_done(settings, plan, spec.index):
-        if plan is not None:
-            store.end_bulk_load(spec.index)  # the last slice to end restores the serving settings
+    if plan is None:
         state_file(settings).update(lambda s: s.with_backfill(version))
     return loaded
+
+
+def finish_backfill(settings: Settings, version: str, source: str) -> dict:
+    """Step 3, once every slice of the plan is loaded: end the bulk load (Elasticsearch gets its
+    serving settings back; LanceDB folds its fragments, indexes its columns and builds the vector
+    index) and record the version as backfilled. A step of its own rather than the last slice's
+    epilogue: the slices then hold only their share of the load in memory, and a failed finish is
+    retried without reloading a slice. Idempotent."""
+    state = state_file(settings).read()
+    spec = state.spec(version)
+    lifecycle.backfilled(version, spec.phase)
+    plan = backfill_plan(settings, version, source)
+    missing = _slices_not_done(settings, plan, spec.index)
+    if missing:
+        raise RuntimeError(f"the backfill of {version} from {source} is not loaded yet: slice(s) "
+                           f"{', '.join(map(str, missing))} of {plan.slices} not done (`index load --slice N`)")
+    started = time.monotonic()
+    open_store(settings).end_bulk_load(spec.index)
+    state_file(settings).update(lambda s: s.with_backfill(version))
+    return {"version": version, "source": source, "slices": plan.slices, "seconds": round(time.monotonic() - started, 1)}
 
 
 def slice_part(slice_number: int, plan) -> str:
     return f"slice-{slice_number}-of-{plan.slices}"
 
 
-def _every_slice_done(settings: Settings, plan, index: str) -> bool:
-    """Each slice saves its "done" before it asks: the last one to end sees them all."""
+def _slices_not_done(settings: Settings, plan, index: str) -> list[int]:
     from .pipeline.indexing import Checkpoint
-    return all(Checkpoint.load(checkpoint_slot(settings, plan.version, plan.source, part=slice_part(k, plan)),
-                               index, plan.range(k)).done for k in range(1, plan.slices + 1))
+    return [k for k in range(1, plan.slices + 1)
+            if not Checkpoint.load(checkpoint_slot(settings, plan.version, plan.source, part=slice_part(k, plan)),
+                                   index, plan.range(k)).done]
 
 
 def plan_backfill(settings: Settings, version: str, source: str, slices: int | None = None):

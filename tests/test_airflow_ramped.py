@@ -34,9 +34,10 @@ def test_a_four_step_ramp_through_the_scheduler(live):
         run = live.wait(DAG, run_id)
     assert run["state"] == "success", live.explain(DAG, run_id)
     states = live.states(DAG, run_id)
-    # The backfill ran as two mapped tasks, one per slice, then one verification covered both.
+    # The backfill ran as two mapped tasks, one per slice; one task ended the load, then one
+    # verification covered both slices.
     assert states["backfill[0]"] == states["backfill[1]"] == "success" and "backfill[2]" not in states
-    assert states["plan_backfill"] == states["verify_backfill"] == "success"
+    assert states["plan_backfill"] == states["finish_backfill"] == states["verify_backfill"] == "success"
     assert live.api.xcom(DAG, run_id, "backfill_slices")[1][-2:] == ["--slice", "2"]
     assert record.failures == []
     assert rises(record.weights_seen, new) == [0, 25, 50, 75, 100]

@@ -4,8 +4,10 @@ retries a mapped task. Every slice completes and the new index equals the old on
 document (missing, behind, extra, duplicated: none), on LanceDB and on the real Elasticsearch."""
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +98,11 @@ def test_three_slices_one_killed_and_run_again_complete_with_the_index_exact(dep
     interrupted = Checkpoint.load(slot, settings.index_name("v2"), plan.range(victim))
     assert killed == -signal.SIGKILL and not interrupted.done, "the slice ended before the kill"
     assert steps.state_file(settings).read().phase("v2") == "dual-writing"  # not backfilled with a slice missing
+    finish = [sys.executable, "-m", "embedding_rollout.cli", "index", "finish", "--version", "v2", "--source", "v1"]
+    early = subprocess.run(finish, env=env, capture_output=True, text=True, timeout=600)
+    named = re.search(rf"slice\(s\) ([\d, ]+) of {SLICES} not done", early.stderr)  # the others may still run
+    assert early.returncode != 0 and named and str(victim) in named.group(1).split(", "), early.stderr[-3000:]
+    assert steps.state_file(settings).read().phase("v2") == "dual-writing"
 
     again = subprocess.run(command(victim), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -108,13 +115,18 @@ def test_three_slices_one_killed_and_run_again_complete_with_the_index_exact(dep
 
     resumed = Checkpoint.load(slot, settings.index_name("v2"), plan.range(victim))
     assert resumed.done and resumed.last_id is not None and resumed.loaded >= interrupted.loaded
-    assert steps.state_file(settings).read().phase("v2") == "backfilled"
+    assert steps.state_file(settings).read().phase("v2") == "dual-writing"  # the load ends in a step of its own
+    for _ in range(2):  # a retried finish changes nothing
+        finished = subprocess.run(finish, env=env, capture_output=True, text=True, timeout=600)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        assert json.loads(finished.stdout)["slices"] == SLICES
+        assert steps.state_file(settings).read().phase("v2") == "backfilled"
     report = steps.verify(settings, "v2", "v1")  # repairs what a write that missed v2 left, as the step does
     assert report.complete, report
     assert report.duplicated == 0 and report.checked == report.target_checked
     assert store.count(settings.index_name("v2")) == store.count(settings.index_name("v1"))
     assert steps.state_file(settings).read().phase("v2") == "verified"
-    if settings.store == "elasticsearch":  # the last slice to end put the serving settings back
+    if settings.store == "elasticsearch":  # the finish put the serving settings back
         held = store.client.indices.get_settings(index=settings.index_name("v2"))
         (concrete,) = held.values()
         assert concrete["settings"]["index"].get("refresh_interval", "1s") != "-1", concrete

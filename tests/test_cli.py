@@ -28,7 +28,7 @@ def test_every_command_has_help(path):
 def test_the_expected_commands_exist():
     names = {" ".join(p) for p in all_commands(main)}
     assert {"train", "serve", "app", "up", "demo", "deploy", "dual-write", "index load", "index verify",
-            "index repair", "state set-weights", "promote", "remove", "generator load", "rollout abort",
+            "index repair", "index plan", "index finish", "state set-weights", "promote", "remove", "generator load", "rollout abort",
             "rollout finish", "refuse"} <= names
 
 

@@ -60,7 +60,8 @@ def verified(version: str, phase: str) -> str:
     """A verification found every source document and tombstone in the version's index."""
     _not_ended(version, phase, "be verified")
     if phase in (DEPLOYED, DUAL_WRITING):
-        raise _refuse(version, phase, "be verified", "its backfill has not ended (embedding-rollout index load)")
+        raise _refuse(version, phase, "be verified", "its backfill has not ended (embedding-rollout index load; "
+                                                      "a sliced one ends with index finish)")
     return phase if phase in ROUTABLE else VERIFIED
 
 

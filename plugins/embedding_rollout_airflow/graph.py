@@ -24,7 +24,8 @@ THRESHOLDS = "{{ %s['thresholds'] }}" % CONF
 
 
 def prepare_new_version(strategy: str):
-    """The setup, then steps 1-3: deploy, dual-write, backfill, verify, wait for the verification.
+    """The setup, then steps 1-3: deploy, dual-write, plan, backfill (slices), finish the load,
+    verify, wait for the verification.
 
     Returns (conf, tasks in order)."""
     conf = begin_rollout_task(strategy)
@@ -40,6 +41,9 @@ def prepare_new_version(strategy: str):
         mapped_step("backfill", backfill_slices(conf),
                     doc_md="Step 3: re-embed every document of the current index into the new one, one task per "
                            "slice (an id range), in parallel; each resumes from its own checkpoint."),
+        step("finish_backfill", ["index", "finish", "--version", NEW, "--source", CURRENT],
+             doc_md="Step 3: once every slice is loaded, end the bulk load (the store's upkeep: Elasticsearch's "
+                    "serving settings, LanceDB's compaction and vector index) and record the version as backfilled."),
         step("verify_backfill", ["index", "verify", "--version", NEW, "--source", CURRENT],
              doc_md="Step 3: check the new index against the current one both ways, tombstones too, and "
                     "record the result with the new version."),
