@@ -318,8 +318,9 @@ def backfill_in_slices(run: Run, settings, slices: int) -> dict:
 
 def slice_phases(load: Child) -> dict:
     """A slice process's time split at its load, from the load's last log line: start-up (Python,
-    TensorFlow, state, plan), the load itself, and after it (waiting for the background compaction
-    its bulk writes started; the end of the load is ``index finish``'s)."""
+    TensorFlow, state, plan), the load itself, and after it: the process's exit (closing its clients,
+    the interpreter's and TensorFlow's shutdown; a background compaction its writes started runs in a
+    daemon thread and is not waited for). The end of the load is ``index finish``'s."""
     found = COMPLETE.search(load.log_path.read_text())
     if not found:
         return {"startup": None, "load": None, "after": None, "written": 0}
@@ -552,8 +553,8 @@ def render(results: dict) -> str:
     add("Encoder only: each client process embeds its share of the documents' embedding texts in the "
         "backfill's generator calls, started together once loaded. Backfill: wall time from starting the S "
         "`index load --slice K` processes to the exit of the `index finish` run after them. Per slice, from its "
-        "log: start-up (Python, TensorFlow, state and plan), the load (embed + write), after it (the background "
-        "compaction its writes started). `index finish`: the end of the bulk load (`end_bulk_load`: on LanceDB "
+        "log: start-up (Python, TensorFlow, state and plan), the load (embed + write), after it (the process's "
+        "exit; a background compaction still running is not waited for). `index finish`: the end of the bulk load (`end_bulk_load`: on LanceDB "
         "compaction, column indices and the vector index) and the state change.")
     return "\n".join(out)
 

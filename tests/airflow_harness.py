@@ -84,6 +84,22 @@ class LiveAirflow:
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}")
 
+    def wait_exits_drained(self, dag_id: str, run_id: str, task_id: str, timeout: float = 120) -> None:
+        """Wait until the scheduler has handled the exit of every worker in which the task deferred.
+
+        A deferring worker exits "success" seconds after the task is shown ``deferred``; the
+        scheduler takes that event for a task killed externally if the task is queued again by
+        then (apache/airflow#71172). The scheduler logs each exit it handles as "TaskInstance
+        Finished", and the task's log each deferral."""
+        scheduler_log = self.airflow.home / "component-logs" / "scheduler.log"
+        handled = f"TaskInstance Finished: dag_id={dag_id}, task_id={task_id}, run_id={run_id},"
+
+        def drained():
+            deferrals = self.log(dag_id, run_id, task_id).count("Pausing task as DEFERRED")
+            return deferrals and scheduler_log.read_text(errors="replace").count(handled) >= deferrals
+
+        self.wait_for(drained, timeout=timeout, what=f"the scheduler to handle {task_id}'s deferred workers")
+
     # -- faults of Airflow's own --------------------------------------------------------------
     @contextmanager
     def scheduler_stopped(self):

@@ -149,7 +149,7 @@ def test_a_ramp_that_outlives_the_mark_stops_at_its_next_step(live):
         run_id = live.trigger(DAG, conf)
         live.wait_for(lambda: live.state().weights.get(new) == 20 and live.states(DAG, run_id)["ramp"] == "deferred",
                       what=f"the ramp deferred with {new} at 20 %")
-        time.sleep(5)  # the scheduler drains the deferring worker's exit first (see waiting.py)
+        live.wait_exits_drained(DAG, run_id, "ramp")  # else the queued ramp is failed as killed
         with live.scheduler_stopped():
             live.api.mark_failed(DAG, run_id)
             assert live.states(DAG, run_id)["ramp"] == "failed"
