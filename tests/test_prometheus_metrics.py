@@ -38,7 +38,9 @@ def app_pods(model_server, tmp_path):
     broken = VersionSpec("v2", 48, "docs-v2", generator_grpc="127.0.0.1:9", generator_rest="http://127.0.0.1:9")
     state.update(lambda s: verified(serving(s, spec_for(model_server, "v1", "docs-v1")), broken)
                  .with_weights({"v1": 50, "v2": 50}))
-    pods = [AppServer(create_app(service=EmbeddingService(state, store, timeout=0.5))).start() for _ in range(2)]
+    # A generous budget: a busy CI machine must not turn v1's answers into 503s. The down generator
+    # refuses connections at once, so v2's fallbacks do not wait for it.
+    pods = [AppServer(create_app(service=EmbeddingService(state, store, timeout=10.0))).start() for _ in range(2)]
     yield [pod.url for pod in pods]
     for pod in pods:
         pod.stop()
