@@ -306,7 +306,7 @@ def test_a_down_store_gives_503(model_server, tmp_path):
     spec = spec_for(model_server, "v1", "docs-v1")
     state.update(lambda s: serving(s, spec))
     store = ElasticsearchStore("http://127.0.0.1:9", timeout=0.5)
-    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
+    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=5.0))).start()
     try:
         started = time.monotonic()
         reply = post_search_once(server.url, {"query": "x"})
@@ -427,7 +427,7 @@ def app_with_a_broken_candidate(model_server, tmp_path):
     for spec in (stable, broken):
         store.create_index(spec.index, spec.dims, {"model_version": spec.name})
     state.update(lambda s: verified(serving(s, stable), broken).with_weights({"v1": 90, "v2": 10}))
-    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=1.0))).start()
+    server = AppServer(create_app(service=EmbeddingService(state, store, timeout=5.0))).start()
     return state, server
 
 
