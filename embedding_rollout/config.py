@@ -53,6 +53,9 @@ class Settings:
         Path(__file__).resolve().parent.parent / "k8s" / "generator-version-template"))))
     # LanceDB: a table this large after a bulk load gets an approximate vector index (rows).
     lance_ann_threshold: int = field(default_factory=lambda: int(_env("ER_LANCE_ANN_THRESHOLD", "100000")))
+    # LanceDB: MiB for each of its index and metadata caches per process; 0 keeps Lance's own
+    # defaults (6 GiB for indices, 1 GiB for metadata).
+    lance_cache_mib: int = field(default_factory=lambda: int(_env("ER_LANCE_CACHE_MIB", "0")))
 
     @property
     def drain_seconds(self) -> float:

@@ -184,6 +184,19 @@ def test_the_threshold_is_a_setting(tmp_path, monkeypatch):
     assert Settings().lance_ann_threshold == LanceStore.ANN_THRESHOLD == 100_000
 
 
+def test_the_cache_size_is_a_setting_and_the_store_searches_within_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("ER_HOME", str(tmp_path))
+    monkeypatch.setenv("ER_STORE", "lance")
+    assert open_store(Settings()).session is None  # Lance's own defaults
+    monkeypatch.setenv("ER_LANCE_CACHE_MIB", "1")
+    store = open_store(Settings())
+    store.create_index(INDEX, DIMS, {"model_version": "v1"})
+    store.bulk_write(INDEX, [document(i) for i in range(100)])
+    assert [h.id for h in store.search(INDEX, VECTORS[7], 1, Filters())] == ["d00007"]
+    # Both caches (index and metadata) of this store's own session, 1 MiB each.
+    assert 0 < store.session.size_bytes <= 2 << 20
+
+
 def test_a_bulk_load_indexes_the_filter_columns_and_filters_see_rows_written_since(tmp_path):
     store = loaded(tmp_path, threshold=ROWS + 1)  # exact search: the filter alone picks the rows
     indexed = {tuple(i.columns): i.index_type for i in store._table(INDEX).list_indices()}

@@ -143,13 +143,16 @@ class LanceStore:
     COLUMN_INDICES = {"id": BTree, "deleted": Bitmap, "category": Bitmap, "date": BTree}
 
     def __init__(self, uri: str, consistency_seconds: float = 0.2, timeout: float = 2.0,
-                 ann_threshold: int = ANN_THRESHOLD):
+                 ann_threshold: int = ANN_THRESHOLD, cache_mib: int = 0):
         # Reads re-check the table's latest version at most this often: other processes' writes
         # become visible to this one well within a second. Writes check out the latest version
         # under the write lock, where nothing newer can appear.
         self.uri = uri
         self.timeout = timeout
-        self.db = lancedb.connect(uri, read_consistency_interval=dt.timedelta(seconds=consistency_seconds))
+        # cache_mib bounds the caches of index pages and table metadata (0: Lance's defaults).
+        self.session = lancedb.Session(cache_mib << 20, cache_mib << 20) if cache_mib else None
+        self.db = lancedb.connect(uri, read_consistency_interval=dt.timedelta(seconds=consistency_seconds),
+                                  session=self.session)
         self._locks = TableWriteLocks(Path(uri) / "_write_locks")
         self._tables: dict[str, object] = {}
         self._writes: dict[str, int] = {}
