@@ -56,6 +56,9 @@ class Settings:
     # LanceDB: MiB for each of its index and metadata caches per process; 0 keeps Lance's own
     # defaults (6 GiB for indices, 1 GiB for metadata).
     lance_cache_mib: int = field(default_factory=lambda: int(_env("ER_LANCE_CACHE_MIB", "0")))
+    # LanceDB: a table whose live rows take at most this many MiB is searched from a copy in each
+    # searching process's memory (0: always through Lance's own search).
+    lance_memory_search_mib: int = field(default_factory=lambda: int(_env("ER_LANCE_MEMORY_SEARCH_MIB", "64")))
 
     @property
     def drain_seconds(self) -> float:

@@ -36,7 +36,8 @@ def document(i: int, seq: int = 1, vector=None) -> StoredDocument:
 
 
 def loaded(tmp_path, rows: int = ROWS, threshold: int = THRESHOLD, tombstones=()) -> LanceStore:
-    store = LanceStore(str(tmp_path / "lance"), ann_threshold=threshold)
+    # Without the copy in memory: these searches must go through the index.
+    store = LanceStore(str(tmp_path / "lance"), ann_threshold=threshold, memory_search_mib=0)
     store.create_index(INDEX, DIMS, {"model_version": "v1"})
     store.begin_bulk_load(INDEX)
     for start in range(0, rows, 500):

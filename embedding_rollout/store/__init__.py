@@ -12,7 +12,8 @@ def open_store(settings) -> VectorStore:
         from .lance import LanceStore
         return LanceStore(settings.lance_uri, timeout=settings.store_timeout,
                           ann_threshold=settings.lance_ann_threshold,
-                          cache_mib=settings.lance_cache_mib)
+                          cache_mib=settings.lance_cache_mib,
+                          memory_search_mib=settings.lance_memory_search_mib)
     if settings.store == "elasticsearch":
         from .elastic import ElasticsearchStore
         return ElasticsearchStore(settings.es_url, timeout=settings.store_timeout, replicas=settings.es_replicas,

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .base import (BulkResult, Filters, Hit, IndexNotFound, StoredDocument, StoreUnavailable, latest_per_id)
+from .lance_memory import COLUMNS as MEMORY_COLUMNS, MemoryTable
 
 log = logging.getLogger(__name__)
 _COLUMNS = ["id", "seq", "deleted", "title", "text", "category", "date"]
@@ -143,7 +144,7 @@ class LanceStore:
     COLUMN_INDICES = {"id": BTree, "deleted": Bitmap, "category": Bitmap, "date": BTree}
 
     def __init__(self, uri: str, consistency_seconds: float = 0.2, timeout: float = 2.0,
-                 ann_threshold: int = ANN_THRESHOLD, cache_mib: int = 0):
+                 ann_threshold: int = ANN_THRESHOLD, cache_mib: int = 0, memory_search_mib: int = 64):
         # Reads re-check the table's latest version at most this often: other processes' writes
         # become visible to this one well within a second. Writes check out the latest version
         # under the write lock, where nothing newer can appear.
@@ -160,6 +161,16 @@ class LanceStore:
         self.ann_threshold = ann_threshold
         self.last_ann_recall: dict[str, float] = {}  # per table: recall@10 of its last index build
         self._match_counts: dict[tuple[str, str], tuple[float, int]] = {}  # (index, filter): (until, rows)
+        # A table this small (its live rows, payloads included) is searched from a copy in memory.
+        self.memory_search_bytes = memory_search_mib << 20
+        self._in_memory: dict[str, MemoryTable] = {}
+        self._too_large: dict[str, int] = {}  # per table: the version found above the budget
+        # Asking Lance for a table's version costs ~0.25 ms (a hop to its event loop), a search of
+        # the copy ~0.2 ms: the version is asked at most every half consistency interval, and
+        # after every write of this process.
+        self._recheck_seconds = consistency_seconds / 2
+        self._version_seen: dict[str, tuple[float, int]] = {}  # per table: (until, version)
+        self._copying = threading.Lock()
 
     # -- indices -------------------------------------------------------------------------------
     def _table(self, index: str):
@@ -192,6 +203,8 @@ class LanceStore:
         # A writer too: a compaction still running would write into the directory being removed.
         with self._locks.hold(index, max(self.timeout, self.BULK_WAIT)):
             self._tables.pop(index, None)
+            self._in_memory.pop(index, None)  # a table made again under this name restarts its versions
+            self._version_seen.pop(index, None)
             if index not in self.indices():
                 return False
             self.db.drop_table(index)
@@ -233,6 +246,8 @@ class LanceStore:
                           .execute(rows))
             except (OSError, RuntimeError) as exc:  # I/O, or Lance giving up on a commit
                 raise StoreUnavailable(f"lance write to {index} failed: {exc}") from exc
+            finally:
+                self._version_seen.pop(index, None)  # this process's next search sees its write
         return result
 
     def upsert(self, index: str, doc: StoredDocument) -> bool:
@@ -395,7 +410,11 @@ class LanceStore:
 
     # -- reads ---------------------------------------------------------------------------------
     def search(self, index: str, vector: np.ndarray, k: int, filters: Filters) -> list[Hit]:
-        table, where = self._table(index), filter_sql(filters)
+        table = self._table(index)
+        held = self._memory_copy(index, table)
+        if held is not None:
+            return held.search(vector, k, filters)
+        where = filter_sql(filters)
         filtered = bool(filters.category or filters.date_from or filters.date_to)
         exact = filtered and self._too_selective(index, table, where)
         nprobes = None if exact else self.ANN_NPROBES
@@ -409,6 +428,45 @@ class LanceStore:
         return [Hit(row["id"], 1.0 - float(row["_distance"]),
                     {f: row[f] for f in ("title", "text", "category", "date")})
                 for row in rows]
+
+    def _memory_copy(self, index: str, table) -> MemoryTable | None:
+        """The table's copy in memory if it is of the table's version as this process sees it (the
+        version Lance's own search would read). Otherwise this search goes to Lance, and a copy of
+        the current version is made in the background: while a table changes faster than it can
+        be copied (~10 ms at 10k rows), searches cost what they cost without the copy."""
+        if not self.memory_search_bytes:
+            return None
+        seen, now = self._version_seen.get(index), time.monotonic()
+        if seen is None or seen[0] < now:
+            seen = self._version_seen[index] = (now + self._recheck_seconds, table.version)
+        version = seen[1]
+        held = self._in_memory.get(index)
+        if held is not None and held.version == version:
+            return held
+        if self._too_large.get(index) != version and self._copying.acquire(blocking=False):
+            threading.Thread(target=self._copy_to_memory, args=(index, table, version), daemon=True,
+                             name="lance-memory-copy").start()
+        return None
+
+    def _copy_to_memory(self, index: str, table, version: int) -> None:
+        # The read sees ``version`` or a later one: a copy newer than its label is only replaced
+        # sooner, never served for a version it lacks.
+        try:
+            dims = table.schema.field("vector").type.list_size
+            rows = None
+            if table.count_rows() * dims * 4 <= self.memory_search_bytes:
+                rows = (table.search().where("deleted = false").select(MEMORY_COLUMNS)
+                        .limit(None).to_arrow())
+            held = MemoryTable.from_arrow(version, rows) if rows is not None else None
+            if held is None or held.nbytes > self.memory_search_bytes:
+                self._too_large[index] = version
+                self._in_memory.pop(index, None)
+            elif self._tables.get(index) is table:  # not dropped meanwhile
+                self._in_memory[index] = held
+        except Exception as exc:  # an optimisation: searches go to Lance meanwhile
+            log.warning("copying %s to memory failed: %s", index, exc)
+        finally:
+            self._copying.release()
 
     def _vector_query(self, table, vector, where: str, k: int, nprobes: int | None):
         """The search, prefiltered; exact when ``nprobes`` is None."""
