@@ -165,10 +165,10 @@ class LanceStore:
         self.memory_search_bytes = memory_search_mib << 20
         self._in_memory: dict[str, MemoryTable] = {}
         self._too_large: dict[str, int] = {}  # per table: the version found above the budget
-        # Asking Lance for a table's version costs ~0.25 ms (a hop to its event loop), a search of
-        # the copy ~0.2 ms: the version is asked at most every half consistency interval, and
-        # after every write of this process.
-        self._recheck_seconds = consistency_seconds / 2
+        # Asking Lance for a table's version costs ~0.25 ms (a hop to its event loop), more than a
+        # search of the copy (~0.1 ms): it is asked at most once per consistency interval, as Lance
+        # itself re-checks, and after every write of this process.
+        self._recheck_seconds = consistency_seconds
         self._version_seen: dict[str, tuple[float, int]] = {}  # per table: (until, version)
         self._copying = threading.Lock()
 

@@ -7,6 +7,7 @@ store keeps the copy only while the table stays at that version (docs/design.md,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,18 +54,18 @@ class MemoryTable:
         """The k rows nearest by cosine among those the filters admit, as Lance's exact search
         would return them."""
         query = np.asarray(vector, np.float32)
-        norm = float(np.linalg.norm(query))
+        norm = math.sqrt(float(query @ query))
         admitted = self._admitted(filters)
         candidates = len(self.ids) if admitted is None else int(np.count_nonzero(admitted))
         if not norm or not candidates:
             return []
-        scores = self.unit_vectors @ (query / norm)  # every row: cheaper than gathering the admitted
+        scores = self.unit_vectors @ query  # every row: cheaper than gathering the admitted ones
         if admitted is not None:
             scores[~admitted] = -np.inf
         k = min(k, candidates)
         best = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
         best = best[np.lexsort((best, -scores[best]))]  # ties: the earlier row first
-        return [Hit(self.ids[i], float(scores[i]), self.fields[i]) for i in best]
+        return [Hit(self.ids[i], float(scores[i]) / norm, self.fields[i]) for i in best]
 
     def _admitted(self, filters: Filters) -> np.ndarray | None:
         """The rows ``filter_sql`` admits (None: all): a category among the given ones, an inclusive
