@@ -169,7 +169,8 @@ class LanceStore:
         # search of the copy (~0.1 ms): it is asked at most once per consistency interval, as Lance
         # itself re-checks, and after every write of this process.
         self._recheck_seconds = consistency_seconds
-        self._version_seen: dict[str, tuple[float, int]] = {}  # per table: (until, version)
+        self._version_seen: dict[str, tuple[float, int, int]] = {}  # per table: (until, writes, version)
+        self._writes_done: dict[str, int] = {}  # per table: this process's writes, dropped included
         self._copying = threading.Lock()
 
     # -- indices -------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ class LanceStore:
         with self._locks.hold(index, max(self.timeout, self.BULK_WAIT)):
             self._tables.pop(index, None)
             self._in_memory.pop(index, None)  # a table made again under this name restarts its versions
-            self._version_seen.pop(index, None)
+            self._wrote(index)
             if index not in self.indices():
                 return False
             self.db.drop_table(index)
@@ -247,8 +248,13 @@ class LanceStore:
             except (OSError, RuntimeError) as exc:  # I/O, or Lance giving up on a commit
                 raise StoreUnavailable(f"lance write to {index} failed: {exc}") from exc
             finally:
-                self._version_seen.pop(index, None)  # this process's next search sees its write
+                self._wrote(index)
         return result
+
+    def _wrote(self, index: str) -> None:
+        """This process's searches after a write see it: a version seen before it is not used
+        again (also one another thread asked for while the write committed)."""
+        self._writes_done[index] = self._writes_done.get(index, 0) + 1
 
     def upsert(self, index: str, doc: StoredDocument) -> bool:
         result = self._merge(index, [doc], self.timeout)
@@ -436,10 +442,10 @@ class LanceStore:
         be copied (~10 ms at 10k rows), searches cost what they cost without the copy."""
         if not self.memory_search_bytes:
             return None
-        seen, now = self._version_seen.get(index), time.monotonic()
-        if seen is None or seen[0] < now:
-            seen = self._version_seen[index] = (now + self._recheck_seconds, table.version)
-        version = seen[1]
+        seen, now, writes = self._version_seen.get(index), time.monotonic(), self._writes_done.get(index, 0)
+        if seen is None or seen[0] < now or seen[1] != writes:
+            seen = self._version_seen[index] = (now + self._recheck_seconds, writes, table.version)
+        version = seen[2]
         held = self._in_memory.get(index)
         if held is not None and held.version == version:
             return held

@@ -1,9 +1,10 @@
 """A small LanceDB table's live rows held in memory and searched with numpy.
 
 Lance's flat search costs a fixed 6-9 ms per query at 10k rows on two cores (plan, read and decode
-the vector column, its own distance kernel), where a numpy scan of the same vectors takes 0.3 ms.
+the vector column, its own distance kernel), where a numpy scan of the same vectors takes 0.1 ms.
 A table that fits a memory budget is therefore searched from a copy of one of its versions; the
-store keeps the copy only while the table stays at that version (docs/design.md, "Embedded store").
+store serves the copy only while the table stays at that version (docs/design.md, "Small tables are
+searched from memory").
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class MemoryTable:
 
     version: int
     ids: list[str]
-    unit_vectors: np.ndarray  # (rows, dims) float32, each row of norm 1 (0 for a zero vector)
+    unit_vectors: np.ndarray  # (rows, dims) float32, each row of norm 1 (zero vectors left out)
     categories: np.ndarray  # str, "" where the category is missing
     has_category: np.ndarray  # bool
     dates: np.ndarray  # str, "" where the date is missing
