@@ -64,12 +64,24 @@ def recall(store: LanceStore, rows: np.ndarray, filters: Filters = Filters()) ->
 def test_a_large_bulk_load_gets_a_vector_index_checked_against_exact_search(tmp_path):
     store = loaded(tmp_path)
     [index] = vector_indices(store)
-    assert index.index_type == "IvfHnswSq"
+    assert index.index_type == "IvfFlat"
     assert store.last_ann_recall[INDEX] >= 0.95  # the store's own check, on the table's vectors
     assert recall(store, np.arange(ROWS)) >= 0.95  # held-out queries against numpy's exact answer
     hits = store.search(INDEX, QUERIES[0], K, Filters())
     assert [h.score for h in hits] == pytest.approx([float(VECTORS[int(h.id[1:])] @ QUERIES[0]) for h in hits],
-                                                    abs=1e-4)  # re-ranked on the full vectors: exact cosines
+                                                    abs=1e-4)  # a flat index scores on the full vectors: exact cosines
+
+
+@pytest.mark.parametrize("index_type, built", [("IVF_SQ", "IvfSq"), ("IVF_HNSW_SQ", "IvfHnswSq")])
+def test_the_other_index_types_are_built_checked_and_score_exactly(tmp_path, monkeypatch, index_type, built):
+    monkeypatch.setattr(LanceStore, "ANN_INDEX_TYPE", index_type)
+    store = loaded(tmp_path)
+    [index] = vector_indices(store)
+    assert index.index_type == built and store.last_ann_recall[INDEX] >= 0.95
+    assert recall(store, np.arange(ROWS)) >= 0.95
+    hits = store.search(INDEX, QUERIES[1], K, Filters())
+    assert [h.score for h in hits] == pytest.approx([float(VECTORS[int(h.id[1:])] @ QUERIES[1]) for h in hits],
+                                                    abs=1e-4)  # quantized codes re-ranked on the full vectors
 
 
 def test_a_filtered_search_returns_only_matches_and_as_many_as_there_are(tmp_path):

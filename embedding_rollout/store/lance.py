@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lancedb
-from lancedb.index import Bitmap, BTree, HnswSq, IvfPq
+from lancedb.index import Bitmap, BTree, HnswSq, IvfFlat, IvfPq, IvfSq
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -126,16 +126,21 @@ class LanceStore:
     # An approximate vector index once a bulk load leaves this many rows (exact search scans every
     # vector). Type and query parameters: bench/lance_search.py, docs/benchmarks.md.
     ANN_THRESHOLD = 100_000
-    # HNSW_SQ over PQ: the same query latency, higher recall (0.999 against 0.97 at 200k rows;
-    # 0.96-0.98 against 0.93-0.96 on weakly clustered vectors at 100k); PQ builds in half the time.
-    ANN_INDEX_TYPE = "IVF_HNSW_SQ"  # or "IVF_PQ"
+    # IVF_FLAT: the build holds the write lock, and at 1 M rows (2 cores) it takes 8 s against 45 s
+    # for IVF_HNSW_SQ, searches faster (10 against 15 ms p50) and scores exactly (recall 1.000
+    # against 0.99): a probed partition of ~1,000 vectors is scanned faster than a graph is walked.
+    # IVF_PQ's recall falls to the floor with the table's density (0.88 at 1 M).
+    ANN_INDEX_TYPE = "IVF_FLAT"  # or "IVF_SQ", "IVF_HNSW_SQ", "IVF_PQ"
     ANN_MIN_RECALL = 0.95  # recall@10 against exact below this: the index is dropped again
     ANN_REBUILD_GROWTH = 2.0  # retrain once the table has this many times the rows it was trained on
     # Queries: partitions probed (40 of 316 at 100k cost no more than 20: fixed costs dominate);
     # candidates re-ranked on the full vectors (k x refine: exact scores; PQ's codes are too coarse
-    # for fewer); HNSW's candidate list (Lance requires >= k x refine).
+    # for fewer; a flat index needs none); HNSW's candidate list (Lance requires >= k x refine).
     ANN_NPROBES, ANN_EF = 40, 50
-    ANN_REFINE = {"IVF_HNSW_SQ": 5, "IVF_PQ": 30}
+    ANN_REFINE = {"IVF_HNSW_SQ": 5, "IVF_PQ": 30, "IVF_SQ": 5, "IVF_FLAT": 0}
+    # k-means on fewer samples and rounds than Lance's defaults (256 a partition, 50 rounds): a
+    # third of IVF_PQ's build time, which holds the write lock, at the same recall.
+    ANN_KMEANS = {"max_iterations": 10, "sample_rate": 64}
     ANN_FILTER_SHARE = 0.1  # a filter matching fewer of the rows is searched exactly
     # Scalar indices on the columns every lookup and prefilter reads: without them each search
     # scans ``deleted`` and ``category`` over the whole table. At 1 M rows (lance 0.40, 2 cores):
@@ -378,16 +383,18 @@ class LanceStore:
 
     def _ann_config(self, rows: int, dims: int):
         partitions = max(1, round(math.sqrt(rows)))
+        kmeans = {"distance_type": "cosine", "num_partitions": partitions, **self.ANN_KMEANS}
         if self.ANN_INDEX_TYPE == "IVF_PQ":
-            # Sub-vectors of 8 dimensions where they divide; k-means on fewer samples and rounds
-            # than the defaults: a third of the build time (it holds the write lock), the same recall.
-            width = next(w for w in (8, 4, 2, 1) if dims % w == 0)
-            return IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=dims // width,
-                         max_iterations=10, sample_rate=64)
+            width = next(w for w in (8, 4, 2, 1) if dims % w == 0)  # sub-vectors of 8 dimensions
+            return IvfPq(num_sub_vectors=dims // width, **kmeans)
+        if self.ANN_INDEX_TYPE == "IVF_FLAT":
+            return IvfFlat(**kmeans)
+        if self.ANN_INDEX_TYPE == "IVF_SQ":
+            return IvfSq(**kmeans)
         # Smaller graphs than the defaults (m 20, ef_construction 300): half the build time under
         # the write lock, the same recall (1.000 against 1.000, 0.961 against 0.960 on weakly
         # clustered vectors, 100k rows).
-        return HnswSq(distance_type="cosine", num_partitions=partitions, m=12, ef_construction=100)
+        return HnswSq(m=12, ef_construction=100, **kmeans)
 
     def _ann_recall(self, index: str, queries: int = 50, k: int = 10) -> float | None:
         """Recall@k of the vector index against exact search, for live rows' vectors as queries."""
@@ -483,7 +490,8 @@ class LanceStore:
         refine = self.ANN_REFINE.get(self.ANN_INDEX_TYPE, 5)
         # All ignored while the table has no vector index (the search is exact). Rows not yet in
         # the index (written since) are searched exactly alongside.
-        return query.nprobes(nprobes).refine_factor(refine).ef(max(self.ANN_EF, k * refine))
+        query = query.nprobes(nprobes).ef(max(self.ANN_EF, k * max(refine, 1)))
+        return query.refine_factor(refine) if refine else query  # a flat index's scores are exact
 
     @staticmethod
     def _has_vector_index(table) -> bool:
