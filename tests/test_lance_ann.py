@@ -61,15 +61,19 @@ def recall(store: LanceStore, rows: np.ndarray, filters: Filters = Filters()) ->
     return found / (len(QUERIES) * min(K, len(rows)))
 
 
+def assert_exact_scores(store: LanceStore, query: np.ndarray) -> None:
+    """The hits' scores are the exact cosines of their vectors to the query."""
+    hits = store.search(INDEX, query, K, Filters())
+    assert [h.score for h in hits] == pytest.approx([float(VECTORS[int(h.id[1:])] @ query) for h in hits], abs=1e-4)
+
+
 def test_a_large_bulk_load_gets_a_vector_index_checked_against_exact_search(tmp_path):
     store = loaded(tmp_path)
     [index] = vector_indices(store)
     assert index.index_type == "IvfFlat"
     assert store.last_ann_recall[INDEX] >= 0.95  # the store's own check, on the table's vectors
     assert recall(store, np.arange(ROWS)) >= 0.95  # held-out queries against numpy's exact answer
-    hits = store.search(INDEX, QUERIES[0], K, Filters())
-    assert [h.score for h in hits] == pytest.approx([float(VECTORS[int(h.id[1:])] @ QUERIES[0]) for h in hits],
-                                                    abs=1e-4)  # a flat index scores on the full vectors: exact cosines
+    assert_exact_scores(store, QUERIES[0])  # a flat index scores on the full vectors
 
 
 @pytest.mark.parametrize("index_type, built", [("IVF_SQ", "IvfSq"), ("IVF_HNSW_SQ", "IvfHnswSq")])
@@ -79,9 +83,7 @@ def test_the_other_index_types_are_built_checked_and_score_exactly(tmp_path, mon
     [index] = vector_indices(store)
     assert index.index_type == built and store.last_ann_recall[INDEX] >= 0.95
     assert recall(store, np.arange(ROWS)) >= 0.95
-    hits = store.search(INDEX, QUERIES[1], K, Filters())
-    assert [h.score for h in hits] == pytest.approx([float(VECTORS[int(h.id[1:])] @ QUERIES[1]) for h in hits],
-                                                    abs=1e-4)  # quantized codes re-ranked on the full vectors
+    assert_exact_scores(store, QUERIES[1])  # quantized codes re-ranked on the full vectors
 
 
 def test_a_filtered_search_returns_only_matches_and_as_many_as_there_are(tmp_path):
