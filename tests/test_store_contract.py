@@ -84,6 +84,28 @@ def test_bulk_write_counts_written_and_stale(store, index):
     assert store.count(index) == 6
 
 
+@pytest.mark.parametrize("size", [6, 600])  # ids looked up by name, and by their id range (LanceDB)
+def test_a_bulk_batch_of_new_and_stored_ids_keeps_the_newest_of_each(store, index, size):
+    stored = {i: 5 for i in range(0, size, 2)}
+    store.bulk_write(index, [doc(i, seq=5) for i in stored])
+    for i in range(1, size, 4):
+        store.delete(index, f"d{i}", 7)
+        stored[i] = 7
+    incoming = {i: (9, 3, 5)[i % 3] for i in range(size)}  # newer, older, or the same version
+    result = store.bulk_write(index, [doc(i, seq=seq) for i, seq in incoming.items()])
+    newer = {i for i, seq in incoming.items() if seq > stored.get(i, 0)}
+    assert (result.written, result.stale, result.failed) == (len(newer), size - len(newer), [])
+    refreshed(store, index)
+    found = store.get_many(index, [f"d{i}" for i in range(size)])
+    for i in range(size):
+        kept = found[f"d{i}"]
+        assert kept.seq == max(incoming[i], stored.get(i, 0)), i
+        assert kept.deleted == (i % 4 == 1 and i not in newer), i
+        if not kept.deleted:
+            assert kept.fields["text"] == f"text {i} seq {kept.seq}"
+    assert store.count(index) == sum(1 for doc_ in found.values() if not doc_.deleted)
+
+
 def test_knn_search_prefilters_so_k_hits_come_back(store, index):
     # 60 documents, only 10 in category "rare"; they lie far from the query vector.
     query = unit(1000)

@@ -5,9 +5,9 @@ the stable version's index. Sources are read in keyset order (ascending id, from
 resume starts after the last id written whatever the writes meanwhile did to the source's physical
 order; the checkpoint records that id after every batch, so a resume re-embeds at most one batch.
 Re-writing a document is harmless because writes are newer-wins by ``seq``. The next batch is
-embedded while one is written, so memory is bounded by two batches. A load can cover one slice of
-the source (an id range, ``domain.slices``) with its own checkpoint. The index's bulk-load settings
-are restored even when the load fails.
+read while one is embedded and the one before it written, so memory is bounded by three batches.
+A load can cover one slice of the source (an id range, ``domain.slices``) with its own checkpoint.
+The index's bulk-load settings are restored even when the load fails.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -177,10 +178,11 @@ def load_index(source: KeysetSource, store: VectorStore, index: str, embed: Embe
 
 def pipelined_writes(batches: Iterable[list[StoredDocument]], embed: Callable, write: Callable,
                      written: Callable) -> None:
-    """Embed batch k+1 while batch k is written: one write in flight, on its own thread, so the
-    generator and the store work at once and memory holds at most two batches. ``written(batch,
-    result)`` runs in batch order once its write returned (the checkpoint never passes a batch
-    still in flight); a failed write stops the load at that batch."""
+    """Read batch k+2 while batch k+1 is embedded and batch k is written: a read ahead and one
+    write in flight, each on its own thread, so the source, the generator and the store work at
+    once and memory holds at most three batches. ``written(batch, result)`` runs in batch order
+    once its write returned (the checkpoint never passes a batch still in flight); a failed write
+    stops the load at that batch."""
     in_flight = None
 
     def settle() -> None:
@@ -191,14 +193,27 @@ def pipelined_writes(batches: Iterable[list[StoredDocument]], embed: Callable, w
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-write") as writer:
         try:
-            for batch in batches:
-                embedded = embed(batch)
-                if in_flight:
-                    settle()
-                in_flight = (batch, writer.submit(write, embedded))
+            with closing(read_ahead(batches)) as reads:  # a failure stops the reads at once
+                for batch in reads:
+                    embedded = embed(batch)
+                    if in_flight:
+                        settle()
+                    in_flight = (batch, writer.submit(write, embedded))
         finally:  # the last write, or the one in flight when reading or embedding failed: recorded
             if in_flight:
                 settle()
+
+
+def read_ahead(batches: Iterable[list]) -> Iterator[list]:
+    """``batches``, each read on a thread of its own while the caller works on the one before: the
+    source's query and row conversion overlap the generator's call, which releases the GIL. One
+    batch ahead, no more; an error of the source is raised where its batch would have been."""
+    iterator = iter(batches)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-read") as reader:
+        upcoming = reader.submit(next, iterator, None)
+        while (batch := upcoming.result()) is not None:
+            upcoming = reader.submit(next, iterator, None)
+            yield batch
 
 
 def in_id_order(documents: Iterable[StoredDocument], after: str | None = None) -> Iterator[StoredDocument]:

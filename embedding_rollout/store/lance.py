@@ -1,10 +1,12 @@
 """The embedded default: LanceDB tables on local disk, no server.
 
-Newer-wins writes are a conditional ``merge_insert`` (``target.seq < source.seq``). Lance's own
+Newer-wins writes append the ids a table lacks (found with its id index) and update the ids it holds
+with a conditional ``merge_insert`` (``target.seq < source.seq``): a merge hash-joins the whole
+table, so a load's batch of new ids cost more with every row already loaded. Lance's own
 conflict detection does not see two writers inserting the same new key (lance-format/lance#4585:
 both commits add a fragment and touch nothing in common), so every write to a table goes through
 one writer at a time: an exclusive ``flock`` per table, held by the app's streaming writes and a
-backfill's bulk writes alike, around a merge planned on the table's latest version. Every write
+backfill's bulk writes alike, around a write planned on the table's latest version. Every write
 makes a table version; ``optimize`` compacts them after bulk loads.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ from .base import (BulkResult, Filters, Hit, IndexNotFound, StoredDocument, Stor
 from .lance_memory import COLUMNS as MEMORY_COLUMNS, MemoryTable
 
 log = logging.getLogger(__name__)
-_COLUMNS = ["id", "seq", "deleted", "title", "text", "category", "date"]
+_FIELDS = ("title", "text", "category", "date")
+_COLUMNS = ["id", "seq", "deleted", *_FIELDS]
 
 
 def _schema(dims: int, meta: Mapping[str, str]) -> pa.Schema:
@@ -225,19 +228,28 @@ class LanceStore:
 
     # -- writes --------------------------------------------------------------------------------
     def _rows(self, index: str, docs: list[StoredDocument]) -> pa.Table:
+        """The batch as Arrow columns, built column by column: a batch of 4,096 rows built row by
+        row (``from_pylist``) cost as much as a third of its merge."""
         schema = self._table(index).schema
         dims = schema.field("vector").type.list_size
-        rows = []
-        for doc in docs:
-            vector = np.zeros(dims, np.float32) if doc.deleted else np.asarray(doc.vector, np.float32)
-            if vector.shape != (dims,):
-                raise ValueError(f"document {doc.id}: vector has shape {vector.shape}, index {index} needs ({dims},)")
-            fields = {} if doc.deleted else doc.fields
-            rows.append({"id": doc.id, "seq": int(doc.seq), "deleted": doc.deleted, "vector": vector,
-                         **{f: fields.get(f) for f in ("title", "text", "category", "date")}})
-        return pa.Table.from_pylist(rows, schema=schema)
+        vectors = np.zeros((len(docs), dims), np.float32)
+        for row, doc in enumerate(docs):
+            if not doc.deleted:
+                vector = np.asarray(doc.vector, np.float32)
+                if vector.shape != (dims,):
+                    raise ValueError(f"document {doc.id}: vector has shape {vector.shape}, index {index} needs ({dims},)")
+                vectors[row] = vector
+        columns = {"id": [d.id for d in docs], "seq": [int(d.seq) for d in docs],
+                   "deleted": [d.deleted for d in docs],
+                   "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dims)}
+        for name in _FIELDS:
+            columns[name] = [None if d.deleted else d.fields.get(name) for d in docs]
+        return pa.Table.from_pydict(columns, schema=schema)
 
-    def _merge(self, index: str, docs: list[StoredDocument], wait: float):
+    def _merge(self, index: str, docs: list[StoredDocument], wait: float) -> int:
+        """Write ``docs`` (one per id) where the table lacks their id or holds an older ``seq``;
+        returns how many were written. Under the write lock, on the latest version, so nothing
+        changes between the look-up of the ids and the commits."""
         with self._locks.hold(index, wait):
             self._still_there(index)
             rows = self._rows(index, docs)
@@ -246,15 +258,33 @@ class LanceStore:
                 # Plan on the latest version, whoever wrote it: a merge planned on an older one
                 # would not see another process's insert of the same id, and insert it again.
                 table.checkout_latest()
-                result = (table.merge_insert("id")
-                          .when_matched_update_all(where="target.seq < source.seq")
-                          .when_not_matched_insert_all()
-                          .execute(rows))
+                stored = self._stored_seqs(table, rows["id"])
+                known = pc.is_in(rows["id"], value_set=stored["id"])
+                new_rows = rows.filter(pc.invert(known))
+                if new_rows.num_rows:  # an append: a merge joins the whole table, this reads no row
+                    table.add(new_rows)
+                updated = 0
+                if new_rows.num_rows < rows.num_rows:
+                    updated = (table.merge_insert("id")
+                               .when_matched_update_all(where="target.seq < source.seq")
+                               .execute(rows.filter(known))).num_updated_rows
             except (OSError, RuntimeError) as exc:  # I/O, or Lance giving up on a commit
                 raise StoreUnavailable(f"lance write to {index} failed: {exc}") from exc
             finally:
                 self._wrote(index)
-        return result
+        return new_rows.num_rows + updated
+
+    IN_LIST_IDS = 256  # up to this many ids are looked up by name, more by their id range
+
+    def _stored_seqs(self, table, ids: pa.ChunkedArray) -> pa.Table:
+        """The (id, seq) rows the table holds of ``ids``, tombstones included: a look-up of the id
+        index (a load's batch is an id range; a streaming write is one id)."""
+        if len(ids) <= self.IN_LIST_IDS:
+            where = f"id IN ({', '.join(_quote(i) for i in ids.to_pylist())})"
+        else:
+            where = f"id >= {_quote(pc.min(ids).as_py())} AND id <= {_quote(pc.max(ids).as_py())}"
+        found = table.search().where(where).select(["id", "seq"]).limit(None).to_arrow()
+        return found.filter(pc.is_in(found["id"], value_set=ids))
 
     def _wrote(self, index: str) -> None:
         """This process's searches after a write see it: a version seen before it is not used
@@ -262,9 +292,9 @@ class LanceStore:
         self._writes_done[index] = self._writes_done.get(index, 0) + 1
 
     def upsert(self, index: str, doc: StoredDocument) -> bool:
-        result = self._merge(index, [doc], self.timeout)
+        written = self._merge(index, [doc], self.timeout)
         self._count_write(index)
-        return result.num_inserted_rows + result.num_updated_rows > 0
+        return written > 0
 
     def _count_write(self, index: str) -> None:
         """Every write adds a small fragment and a table version; fold them now and then, off the
@@ -304,11 +334,10 @@ class LanceStore:
         batch = latest_per_id(docs)
         if not batch:
             return BulkResult()
-        result = self._merge(index, batch, max(self.timeout, self.BULK_WAIT))
-        # A merge reads every fragment the id index does not cover: a load's many small ones must
-        # be folded and indexed as it goes, or each batch costs more than the one before.
+        written = self._merge(index, batch, max(self.timeout, self.BULK_WAIT))
+        # A write's id look-up reads every fragment the id index does not cover: a load's many
+        # small ones must be folded and indexed as it goes, or each batch costs more than the last.
         self._count_write(index)
-        written = result.num_inserted_rows + result.num_updated_rows
         return BulkResult(written=written, stale=len(batch) - written)
 
     def begin_bulk_load(self, index: str) -> None:
@@ -431,7 +460,7 @@ class LanceStore:
         filtered = bool(filters.category or filters.date_from or filters.date_to)
         exact = filtered and self._too_selective(index, table, where)
         nprobes = None if exact else self.ANN_NPROBES
-        columns = ["id", "title", "text", "category", "date", "_distance"]
+        columns = ["id", *_FIELDS, "_distance"]
         rows = self._vector_query(table, vector, where, k, nprobes).select(columns).to_list()
         if nprobes is not None and len(rows) < k and self._has_vector_index(table):
             # The probed partitions held fewer than k rows passing the prefilter: the exact search
@@ -439,7 +468,7 @@ class LanceStore:
             # about 3x slower at 100k rows, even those it did not help.)
             rows = self._vector_query(table, vector, where, k, None).select(columns).to_list()
         return [Hit(row["id"], 1.0 - float(row["_distance"]),
-                    {f: row[f] for f in ("title", "text", "category", "date")})
+                    {f: row[f] for f in _FIELDS})
                 for row in rows]
 
     def _memory_copy(self, index: str, table) -> MemoryTable | None:
@@ -523,8 +552,8 @@ class LanceStore:
         if not ids:
             return {}
         where = f"id IN ({', '.join(_quote(i) for i in ids)})"
-        rows = self._table(index).search().where(where).select(_COLUMNS).limit(None).to_list()
-        return {row["id"]: _document(row) for row in rows}
+        rows = self._table(index).search().where(where).select(_COLUMNS).limit(None).to_arrow()
+        return {doc.id: doc for doc in _documents(rows)}
 
     def count(self, index: str) -> int:
         return self._table(index).count_rows("deleted = false")
@@ -544,9 +573,8 @@ class LanceStore:
         for low, high in zip([after, *ends], [*ends, upto]):
             query = table.search().select(_COLUMNS).limit(None)
             clauses = live + _id_range(low, high)
-            rows = (query.where(" AND ".join(clauses)) if clauses else query).to_list()
-            for row in sorted(rows, key=lambda r: r["id"]):
-                yield _document(row)
+            rows = (query.where(" AND ".join(clauses)) if clauses else query).to_arrow()
+            yield from _documents(rows.take(pc.sort_indices(rows["id"])))
 
     @staticmethod
     def _page_ends(table, after: str | None, upto: str | None, page: int) -> list[str]:
@@ -583,6 +611,8 @@ def _trained_rows(index_name: str) -> float:
     return int(rows) if index_name.startswith("vector_ann_") and rows.isdigit() else math.inf
 
 
-def _document(row: dict) -> StoredDocument:
-    fields = {f: row[f] for f in ("title", "text", "category", "date") if row.get(f) is not None}
-    return StoredDocument(row["id"], int(row["seq"]), fields, deleted=bool(row["deleted"]))
+def _documents(rows: pa.Table) -> Iterator[StoredDocument]:
+    """The rows as documents, converted a column at a time (a dict per row cost twice as much)."""
+    for doc_id, seq, deleted, *values in zip(*(rows[name].to_pylist() for name in _COLUMNS)):
+        fields = {f: v for f, v in zip(_FIELDS, values) if v is not None}
+        yield StoredDocument(doc_id, seq, fields, deleted=deleted)
